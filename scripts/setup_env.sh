@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (once) the virtual environment .venv and install requirements.txt into it.
+# Sourced by the other scripts; re-installs only when requirements.txt changes.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RADA_VENV:-$REPO_ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating virtual environment $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+fi
+STAMP="$VENV/.requirements.sha256"
+WANT="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "[setup] installing requirements.txt into $VENV (first run: a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet -r "$REPO_ROOT/requirements.txt"
+    echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

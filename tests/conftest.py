@@ -1,0 +1,26 @@
+import importlib.util
+
+import pytest
+
+from tests.image_trees import write_class_folders, write_images  # noqa: F401  (re-exported for tests)
+from trainers.tiny_clip import save_tiny_clip
+
+HAS_DASSL = importlib.util.find_spec("dassl") is not None
+
+requires_dassl = pytest.mark.skipif(not HAS_DASSL, reason="Dassl is not installed (see README)")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    """A tiny ViT CLIP saved as a plain state dict."""
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-vit.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_torchscript_path(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-vit-jit.pt", torchscript=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_clip_path(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-rn.pt", vision="ResNet")

@@ -1,0 +1,53 @@
+"""Precision handling shared by every trainer: CoOp's PREC values fp16 / fp32 / amp.
+
+- fp16: CLIP's weights stay in half precision, as OpenAI ships them (CoOp's default).
+- fp32: CLIP is cast to float32.
+- amp:  CLIP in float32, forward passes under float16 autocast, losses scaled by a GradScaler.
+
+Trainable parameters (prompts, adapters, the RAda head) are always float32 master weights and
+are cast where they meet half-precision CLIP activations, so no optimizer ever updates fp16
+weights in place. Half precision needs a GPU: on the CPU fp16 and amp fall back to fp32, with
+a warning.
+"""
+
+import contextlib
+import logging
+
+import torch
+from clip.model import convert_weights
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32", "amp")
+
+
+class Precision:
+    def __init__(self, mode, device):
+        if mode not in PRECISIONS:
+            raise ValueError(f"Unknown precision {mode!r}: PREC must be one of {', '.join(PRECISIONS)}")
+        self.device = torch.device(device)
+        self.requested = mode
+        if mode != "fp32" and self.device.type != "cuda":
+            logger.warning("PREC=%s needs a CUDA device; running in fp32 on %s", mode, self.device)
+            mode = "fp32"
+        self.mode = mode
+
+    @property
+    def clip_dtype(self):
+        return torch.float16 if self.mode == "fp16" else torch.float32
+
+    def cast_clip(self, model):
+        """Put CLIP's weights in this precision (in place) and return the model."""
+        if self.mode == "fp16":
+            convert_weights(model)
+        else:
+            model.float()
+        return model
+
+    def autocast(self):
+        if self.mode == "amp":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def grad_scaler(self):
+        return torch.amp.GradScaler(self.device.type, enabled=self.mode == "amp")
