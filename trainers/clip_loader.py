@@ -11,10 +11,14 @@ decides the working dtype.
 import logging
 import os
 import urllib.error
+import warnings
+import zipfile
 
 import torch
 from clip import clip as clip_api
 from clip.model import build_model
+
+from .errors import UserFacingError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ CACHE_ENV = "CLIP_CACHE_DIR"
 _REQUIRED_KEYS = ("positional_embedding", "text_projection", "token_embedding.weight", "ln_final.weight")
 
 
-class CLIPLoadError(RuntimeError):
+class CLIPLoadError(UserFacingError):
     """Weights that cannot be found, fetched or read; the message says what to do."""
 
 
@@ -75,13 +79,24 @@ def _missing_message(name, target, reason):
     )
 
 
+def _is_torchscript(path):
+    """TorchScript archives are zip files with a code/ folder; torch.save files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+
+
 def read_state_dict(path):
     """Read a CLIP state dict from a TorchScript archive or a plain `torch.save` file."""
     errors = []
-    try:
-        return torch.jit.load(path, map_location="cpu").state_dict()
-    except (RuntimeError, ValueError) as error:
-        errors.append(f"as TorchScript: {_first_line(error)}")
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # OpenAI ships TorchScript files
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        except (RuntimeError, ValueError) as error:
+            errors.append(f"as TorchScript: {_first_line(error)}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling raises many types; all mean "not readable"

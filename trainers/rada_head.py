@@ -210,3 +210,11 @@ class RAdaHead(nn.Module):
     def mask_regularizer(mask):
         """mean over the batch of max_{k,d} |M - 1|: the L-infinity pull of the mask to 1."""
         return (mask - 1.0).abs().flatten(1).amax(dim=1).mean()
+
+
+def rada_loss(logits, mask, labels, alpha):
+    """Cross-entropy plus alpha times the mask regulariser (the authors' training objective)."""
+    loss = F.cross_entropy(logits, labels)
+    if alpha:
+        loss = loss + alpha * RAdaHead.mask_regularizer(mask)
+    return loss

@@ -6,6 +6,8 @@ tokenisation, the text transformer, the image encoder, loading from disk) is the
 weights take; only the widths and depths are small.
 """
 
+import warnings
+
 import torch
 from clip.model import CLIP, convert_weights
 
@@ -43,7 +45,9 @@ def save_tiny_clip(path, vision="ViT", seed=0, torchscript=False):
     model = build_tiny_clip(vision=vision, seed=seed)
     if torchscript:
         example = torch.zeros(1, 3, 224, 224, dtype=model.dtype)
-        torch.jit.trace_module(model.float(), {"encode_image": example.float()}).save(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing warns about data-dependent branches in CLIP
+            torch.jit.trace_module(model.float(), {"encode_image": example.float()}).save(str(path))
     else:
         torch.save(model.state_dict(), str(path))
     return path

@@ -1,0 +1,147 @@
+"""Train or evaluate a trainer of this project with Dassl; the command line is CoOp's.
+
+    python train.py --root DATA --seed 1 --trainer RAdaCoOp \
+        --dataset-config-file configs/datasets/caltech101.yaml \
+        --config-file configs/trainers/RAdaCoOp/vit_b16_ep50_ctxv1.yaml \
+        --output-dir output/caltech101/RAdaCoOp/seed1 \
+        DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES base
+
+Trailing KEY VALUE pairs override the config (yacs). With --eval-only, --model-dir names a
+training output folder; without --load-epoch its latest checkpoint is used.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+DASSL_INSTALL = (
+    "Dassl is not installed. Install it from its repository:\n"
+    "  git clone https://github.com/KaiyangZhou/Dassl.pytorch && pip install -e Dassl.pytorch --no-deps\n"
+    "(see README.md, 'Installing Dassl')."
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=str, default="", help="path to the dataset root")
+    parser.add_argument("--output-dir", type=str, default="", help="output directory")
+    parser.add_argument("--resume", type=str, default="", help="checkpoint directory to resume from")
+    parser.add_argument("--seed", type=int, default=-1, help="random seed (0 is a valid seed)")
+    parser.add_argument("--source-domains", type=str, nargs="+", help="source domains (DA/DG)")
+    parser.add_argument("--target-domains", type=str, nargs="+", help="target domains (DA/DG)")
+    parser.add_argument("--transforms", type=str, nargs="+", help="data augmentation methods")
+    parser.add_argument("--config-file", type=str, default="", help="trainer config file")
+    parser.add_argument("--dataset-config-file", type=str, default="", help="dataset config file")
+    parser.add_argument("--trainer", type=str, default="", help="name of the trainer")
+    parser.add_argument("--backbone", type=str, default="", help="CLIP model name or weights file")
+    parser.add_argument("--head", type=str, default="", help="name of the head")
+    parser.add_argument("--eval-only", action="store_true", help="evaluation only")
+    parser.add_argument("--model-dir", type=str, default="", help="load the model from this training output")
+    parser.add_argument("--load-epoch", type=int, help="load the checkpoint of this epoch (default: latest)")
+    parser.add_argument("--no-train", action="store_true", help="build the trainer but do not train")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def setup_cfg(args):
+    from dassl.config import get_cfg_default
+
+    from trainers.config import extend_cfg
+    from trainers.errors import UserFacingError
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    for path in (args.dataset_config_file, args.config_file):
+        if path and not os.path.isfile(path):
+            raise UserFacingError(f"Config file {path} does not exist (run from the repository root).")
+    try:
+        if args.dataset_config_file:
+            cfg.merge_from_file(args.dataset_config_file)
+        if args.config_file:
+            cfg.merge_from_file(args.config_file)
+        overrides = {
+            "DATASET.ROOT": os.path.expanduser(args.root) if args.root else None,
+            "OUTPUT_DIR": args.output_dir or None,
+            "RESUME": args.resume or None,
+            "SEED": args.seed if args.seed >= 0 else None,
+            "DATASET.SOURCE_DOMAINS": args.source_domains,
+            "DATASET.TARGET_DOMAINS": args.target_domains,
+            "INPUT.TRANSFORMS": args.transforms,
+            "TRAINER.NAME": args.trainer or None,
+            "MODEL.BACKBONE.NAME": args.backbone or None,
+            "MODEL.HEAD.NAME": args.head or None,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                node, _, leaf = key.rpartition(".")
+                (cfg if not node else _node(cfg, node))[leaf] = value
+        cfg.merge_from_list(args.opts or [])
+    except KeyError as error:
+        raise UserFacingError(
+            f"Unknown config key: {error.args[0] if error.args else error}. Keys are declared in Dassl's "
+            "defaults and trainers/config.py."
+        ) from None
+    except (ValueError, AssertionError) as error:
+        raise UserFacingError(f"Bad config override: {error}. Overrides are KEY VALUE pairs.") from None
+    cfg.freeze()
+    return cfg
+
+
+def _node(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def run(args):
+    import torch
+    from dassl.engine import TRAINER_REGISTRY, build_trainer
+    from dassl.utils import collect_env_info, set_random_seed, setup_logger
+
+    import datasets.dassl_glue  # noqa: F401  (registers the datasets)
+    import trainers.register  # noqa: F401  (registers the trainers)
+    from trainers.errors import UserFacingError
+
+    cfg = setup_cfg(args)
+    known = sorted(TRAINER_REGISTRY.registered_names())
+    if cfg.TRAINER.NAME not in known:
+        raise UserFacingError(f"Unknown trainer {cfg.TRAINER.NAME!r}. Known trainers: {', '.join(known)}.")
+    if cfg.SEED >= 0:
+        set_random_seed(cfg.SEED)
+    setup_logger(cfg.OUTPUT_DIR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    if torch.cuda.is_available() and cfg.USE_CUDA:
+        torch.backends.cudnn.benchmark = True
+    print("Arguments:", " ".join(sys.argv[1:]))
+    print("Config:\n" + str(cfg))
+    print("Environment:\n" + collect_env_info())
+
+    trainer = build_trainer(cfg)
+    if args.eval_only:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        trainer.test()
+    elif not args.no_train:
+        trainer.train()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import dassl  # noqa: F401
+    except ImportError:
+        print(f"error: {DASSL_INSTALL}", file=sys.stderr)
+        return 2
+    from datasets.errors import DatasetLayoutError
+    from trainers.errors import UserFacingError
+
+    try:
+        run(args)
+    except (UserFacingError, DatasetLayoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

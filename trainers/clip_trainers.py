@@ -1,0 +1,42 @@
+"""The plain CLIP baselines: zero-shot CLIP and CoOp."""
+
+import logging
+
+from dassl.engine import TRAINER_REGISTRY
+
+from .engine import CLIPTrainer
+from .model import CLIPClassifier
+from .prompts import CoOpPromptLearner, FixedPrompts, zero_shot_template
+
+logger = logging.getLogger(__name__)
+
+
+def coop_prompt_learner(cfg, clip_model, classnames):
+    coop = cfg.TRAINER.COOP
+    return CoOpPromptLearner(
+        clip_model, classnames, n_ctx=coop.N_CTX, ctx_init=coop.CTX_INIT,
+        class_specific=coop.CSC, position=coop.CLASS_TOKEN_POSITION,
+    )
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP(CLIPTrainer):
+    """CLIP with CoOp's hand-crafted prompt for the dataset; nothing is trained."""
+
+    def build_classifier(self, clip_model, classnames):
+        return CLIPClassifier(clip_model, FixedPrompts(classnames, zero_shot_template(self.cfg.DATASET.NAME)))
+
+    def train(self):
+        logger.info("ZeroshotCLIP has nothing to train: evaluating")
+        self.test()
+
+
+@TRAINER_REGISTRY.register()
+class CoOp(CLIPTrainer):
+    """Context optimisation: learnable prompt context, frozen CLIP."""
+
+    def build_classifier(self, clip_model, classnames):
+        return CLIPClassifier(clip_model, coop_prompt_learner(self.cfg, clip_model, classnames))
+
+    def trainable_modules(self):
+        return {"prompt_learner": self.model.prompts}

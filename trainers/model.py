@@ -1,0 +1,66 @@
+"""CLIP as a classifier: image encoder, a prompt source for the class texts, optionally a
+feature adapter and the RAda head. Every trainer composes one of these."""
+
+from collections import namedtuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .text_encoder import TextEncoder
+
+ClassifierOutput = namedtuple("ClassifierOutput", ["logits", "mask"])
+
+
+class CLIPClassifier(nn.Module):
+    """Returns ClassifierOutput(logits (B, K), mask (B, K, D) or None).
+
+    prompts: a module with forward(text_encoder) -> (K, E) text features.
+    adapter: optional module with forward(image_features, text_features) -> both, applied
+    before normalisation. head: optional RAdaHead; without it the logits are CLIP's,
+    s * f @ t^T, computed as CoOp computes them.
+    """
+
+    def __init__(self, clip_model, prompts, head=None, adapter=None):
+        super().__init__()
+        self.image_encoder = clip_model.visual
+        self.text_encoder = TextEncoder(clip_model)
+        self.logit_scale = clip_model.logit_scale
+        self.prompts = prompts
+        self.adapter = adapter
+        self.head = head
+        self._text_cache = None
+
+    @property
+    def dtype(self):
+        return self.text_encoder.dtype
+
+    def text_features(self):
+        """Class text features; cached while no learnable prompt parameter has changed and
+        gradients are off, so evaluation encodes the K prompts once, not once per batch."""
+        if torch.is_grad_enabled():
+            self._text_cache = None
+            return self.prompts(self.text_encoder)
+        key = tuple((p.data_ptr(), p._version) for p in self.prompts.parameters())
+        if self._text_cache is None or self._text_cache[0] != key:
+            self._text_cache = (key, self.prompts(self.text_encoder))
+        return self._text_cache[1]
+
+    def encode_image(self, images):
+        return self.image_encoder(images.to(self.dtype))
+
+    def forward(self, images):
+        image_features = self.encode_image(images)
+        text_features = self.text_features()
+        if self.adapter is not None:
+            image_features, text_features = self.adapter(image_features, text_features)
+        scale = self.logit_scale.exp()
+        if self.head is None:
+            image_features = F.normalize(image_features, dim=-1)
+            text_features = F.normalize(text_features, dim=-1)
+            return ClassifierOutput(scale * image_features @ text_features.t(), None)
+        # The head works in float32 whatever CLIP's precision (as the authors' code does).
+        image_features = F.normalize(image_features.float(), dim=-1)
+        text_features = F.normalize(text_features.float(), dim=-1)
+        logits, mask = self.head(image_features, text_features, scale.float())
+        return ClassifierOutput(logits, mask)

@@ -1,0 +1,46 @@
+"""RAda trainers: the head on frozen CLIP with hand-crafted prompts, and on CoOp prompts."""
+
+from dassl.engine import TRAINER_REGISTRY
+
+from .clip_trainers import coop_prompt_learner
+from .engine import CLIPTrainer
+from .model import CLIPClassifier
+from .prompts import FixedPrompts, zero_shot_template
+from .rada_head import RAdaHead, rada_loss
+
+
+class RAdaMixin:
+    """What every RAda trainer shares: one head configuration and one loss."""
+
+    def build_head(self):
+        rada = self.cfg.TRAINER.RADA
+        return RAdaHead(self.backbone["embed_dim"], num_heads=rada.NUM_HEADS, temperature=rada.TEMP)
+
+    def compute_loss(self, output, labels):
+        return rada_loss(output.logits, output.mask, labels, self.cfg.TRAINER.RADA.ALPHA)
+
+
+@TRAINER_REGISTRY.register()
+class RAda(RAdaMixin, CLIPTrainer):
+    """The head on frozen CLIP with fixed hand-crafted prompts (the authors' main EFT trainer)."""
+
+    PREC_NODE = "RADA"
+
+    def build_classifier(self, clip_model, classnames):
+        template = self.cfg.TRAINER.RADA.TEMPLATE or zero_shot_template(self.cfg.DATASET.NAME)
+        return CLIPClassifier(clip_model, FixedPrompts(classnames, template), head=self.build_head())
+
+    def trainable_modules(self):
+        return {"rada_head": self.model.head}
+
+
+@TRAINER_REGISTRY.register()
+class RAdaCoOp(RAdaMixin, CLIPTrainer):
+    """CoOp's learnable prompts and the head, trained together; configured like CoOp."""
+
+    def build_classifier(self, clip_model, classnames):
+        prompts = coop_prompt_learner(self.cfg, clip_model, classnames)
+        return CLIPClassifier(clip_model, prompts, head=self.build_head())
+
+    def trainable_modules(self):
+        return {"prompt_learner": self.model.prompts, "rada_head": self.model.head}

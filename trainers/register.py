@@ -1,0 +1,3 @@
+"""Importing this module registers every trainer of the project in Dassl's TRAINER_REGISTRY."""
+
+from . import clip_trainers, rada  # noqa: F401
