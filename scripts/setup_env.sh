@@ -2,6 +2,10 @@
 # Create (once) the virtual environment .venv and install requirements.txt into it.
 # Sourced by the other scripts; re-installs only when requirements.txt changes.
 set -euo pipefail
+# RADA_SKIP_SETUP=1 leaves PATH and .venv alone (the script tests put a stub `python` first on PATH).
+if [ "${RADA_SKIP_SETUP:-0}" = 1 ]; then
+    return 0 2>/dev/null || exit 0
+fi
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RADA_VENV:-$REPO_ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3}"

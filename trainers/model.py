@@ -49,11 +49,18 @@ class CLIPClassifier(nn.Module):
     def encode_image(self, images):
         return self.image_encoder(images.to(self.dtype))
 
+    def encode(self, images):
+        """Unnormalised (image features (B, E), text features (K, E)); subclasses that
+        prompt the encoders differently override this."""
+        return self.encode_image(images), self.text_features()
+
     def forward(self, images):
-        image_features = self.encode_image(images)
-        text_features = self.text_features()
+        image_features, text_features = self.encode(images)
         if self.adapter is not None:
             image_features, text_features = self.adapter(image_features, text_features)
+        return self.classify(image_features, text_features)
+
+    def classify(self, image_features, text_features):
         scale = self.logit_scale.exp()
         if self.head is None:
             image_features = F.normalize(image_features, dim=-1)
