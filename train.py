@@ -132,12 +132,12 @@ def main(argv=None):
     except ImportError:
         print(f"error: {DASSL_INSTALL}", file=sys.stderr)
         return 2
-    from datasets.errors import DatasetLayoutError
+    from datasets.errors import DatasetError
     from trainers.errors import UserFacingError
 
     try:
         run(args)
-    except (UserFacingError, DatasetLayoutError) as error:
+    except (UserFacingError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

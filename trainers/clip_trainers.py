@@ -2,9 +2,7 @@
 
 import logging
 
-from dassl.engine import TRAINER_REGISTRY
-
-from .engine import CLIPTrainer
+from .engine import CLIPTrainer, register_trainer
 from .model import CLIPClassifier
 from .prompts import CoOpPromptLearner, FixedPrompts, zero_shot_template
 
@@ -19,7 +17,7 @@ def coop_prompt_learner(cfg, clip_model, classnames):
     )
 
 
-@TRAINER_REGISTRY.register()
+@register_trainer
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with CoOp's hand-crafted prompt for the dataset; nothing is trained."""
 
@@ -31,7 +29,7 @@ class ZeroshotCLIP(CLIPTrainer):
         self.test()
 
 
-@TRAINER_REGISTRY.register()
+@register_trainer
 class CoOp(CLIPTrainer):
     """Context optimisation: learnable prompt context, frozen CLIP."""
 

@@ -16,7 +16,7 @@ import os.path as osp
 import sys
 
 import torch
-from dassl.engine import TrainerX
+from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from torch.nn import functional as F
@@ -46,6 +46,18 @@ def _log_to_stdout():
         handler.setFormatter(logging.Formatter("%(message)s"))
         _package_logger.addHandler(handler)
         _package_logger.setLevel(logging.INFO)
+
+
+def register_trainer(cls):
+    """Register a trainer in Dassl unless the host program already has one of that name.
+
+    Plugged into a CoOp or MaPLe checkout (see rada_plugin.py), the host's own CoOp, MaPLe
+    or ZeroshotCLIP keep their names and ours step aside instead of clashing.
+    """
+    if cls.__name__ in TRAINER_REGISTRY.registered_names():
+        logger.info("Trainer %s is already registered by the host program; keeping that one", cls.__name__)
+        return cls
+    return TRAINER_REGISTRY.register(cls)
 
 
 class CLIPTrainer(TrainerX):

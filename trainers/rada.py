@@ -1,9 +1,7 @@
 """RAda trainers: the head on frozen CLIP with hand-crafted prompts, and on CoOp prompts."""
 
-from dassl.engine import TRAINER_REGISTRY
-
 from .clip_trainers import coop_prompt_learner
-from .engine import CLIPTrainer
+from .engine import CLIPTrainer, register_trainer
 from .model import CLIPClassifier
 from .prompts import FixedPrompts, zero_shot_template
 from .rada_head import RAdaHead, rada_loss
@@ -20,7 +18,7 @@ class RAdaMixin:
         return rada_loss(output.logits, output.mask, labels, self.cfg.TRAINER.RADA.ALPHA)
 
 
-@TRAINER_REGISTRY.register()
+@register_trainer
 class RAda(RAdaMixin, CLIPTrainer):
     """The head on frozen CLIP with fixed hand-crafted prompts (the authors' main EFT trainer)."""
 
@@ -34,7 +32,7 @@ class RAda(RAdaMixin, CLIPTrainer):
         return {"rada_head": self.model.head}
 
 
-@TRAINER_REGISTRY.register()
+@register_trainer
 class RAdaCoOp(RAdaMixin, CLIPTrainer):
     """CoOp's learnable prompts and the head, trained together; configured like CoOp."""
 

@@ -1,0 +1,538 @@
+#!/usr/bin/env python
+"""Tables of the protocol runs written by scripts/rada/*.sh, beside the published numbers.
+
+    python scripts/parse_results.py OUTPUT_DIR [--protocol base2new|fewshot|xd] [--seeds 1 2 3]
+                                    [--ci95] [--csv PATH]
+
+OUTPUT_DIR is the output root of the scripts (default there: ./output) or one protocol folder in it.
+Runs are grouped by (protocol, trainer, config, shots). Per dataset the table shows the mean and the
+spread over seeds (population std, np.std, as in CoOp's parse_test_res.py, or the 95% confidence half-width
+1.96 * std / sqrt(n) with --ci95): base / new / HM for base-to-new (base from train_base, new from
+test_new, HM = 2BN / (B + N) of the seed means), accuracy for few-shot and cross-dataset runs.
+Base-to-new tables also show the published numbers of scripts/baselines/base2new_vit_b16.csv.
+Missing seeds, unfinished runs and logs that contradict their folder are listed under each table.
+The exit status is 1 when no finished run was found.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+try:
+    from tabulate import tabulate
+except ImportError:
+    sys.exit(
+        "error: parse_results.py needs the tabulate package. Use the project environment: "
+        "source scripts/setup_env.sh, then python scripts/parse_results.py ..."
+    )
+
+BASELINES_CSV = Path(__file__).resolve().parent / "baselines" / "base2new_vit_b16.csv"
+BASELINES_HEADER = ["dataset", "method", "base", "new", "hm", "source"]
+
+# The 11 datasets of the base-to-new and few-shot benchmarks, in the papers' order.
+BENCHMARK = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+)
+XD_TARGETS = BENCHMARK[1:]
+DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+DISPLAY_NAMES = {
+    "imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
+    "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
+    "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
+    "ucf101": "UCF101", "imagenetv2": "ImageNetV2", "imagenet_sketch": "ImageNet-Sketch",
+    "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
+}
+
+# Folder layout written by scripts/rada/*.sh:
+#   <root>/<part folder>/<dataset>/shots_<K>/<trainer>/<cfg>/seed<S>/log.txt
+PROTOCOL_PARTS = {
+    "base2new": ("train_base", "test_new"),
+    "fewshot": ("fewshot",),
+    "xd": ("xd_train", "xd_test"),
+}
+PART_FOLDERS = {
+    "train_base": "base2new/train_base", "test_new": "base2new/test_new", "fewshot": "fewshot",
+    "xd_train": "xd/train", "xd_test": "xd/test",
+}
+PART_SCRIPTS = {
+    "train_base": "base2new_train.sh", "test_new": "base2new_test.sh", "fewshot": "fewshot.sh",
+    "xd_train": "xd_train.sh", "xd_test": "xd_test.sh",
+}
+# What DATASET.SUBSAMPLE_CLASSES the `* result:` line of each part must report.
+PART_SUBSAMPLE = {"train_base": "base", "test_new": "new", "fewshot": "all", "xd_train": "all", "xd_test": "all"}
+
+RESULT_PREFIX = "* result:"
+RESULT_FIELD = re.compile(r"(\w+)=(\S+)")
+DASSL_ACCURACY = re.compile(r"\* accuracy: ([0-9.]+)%")
+EPOCH = re.compile(r"epoch \[(\d+)/(\d+)\](?: batch \[(\d+)/(\d+)\])?")
+EVALUATED_SPLIT = re.compile(r"Evaluate on the \*(\w+)\* set")
+FINISHED_TRAINING = re.compile(r"Finish(ed)? training")
+
+
+@dataclass
+class LogResult:
+    """What a log.txt says. accuracy is None when it holds no test result of a complete run."""
+
+    accuracy: float | None
+    fields: dict = field(default_factory=dict)  # metadata of our `* result:` line
+    from_dassl_line: bool = False  # read from Dassl's one-decimal `* accuracy:` line (other tools' logs)
+    progress: str = ""  # how far an unfinished run got
+
+
+def parse_log(path):
+    """Reads a run's log.txt.
+
+    The result is our last `* result: ... split=test ... accuracy=X%` line, else (logs written by
+    CoOp, MaPLe or other Dassl tools) the last `* accuracy: X%` line that is not part of a
+    validation block. A log that shows training epochs but no `Finish training` line (Dassl older
+    than 0.6.1 prints `Finished training`) is unfinished whatever it printed, the same rule as
+    run_finished in scripts/rada/common.sh.
+    """
+    ours = dassl = last_epoch = None
+    evaluated_split = None
+    started = trained = False
+    last_line = ""
+    with open(path, encoding="utf-8", errors="replace") as log:
+        for raw_line in log:
+            line = raw_line.strip()
+            if not line:
+                continue
+            last_line = line
+            if match := EPOCH.match(line):
+                started, last_epoch = True, match
+            elif FINISHED_TRAINING.match(line):
+                trained = True
+            elif match := EVALUATED_SPLIT.match(line):
+                evaluated_split = match.group(1)
+            elif line.startswith(RESULT_PREFIX):
+                fields = dict(RESULT_FIELD.findall(line[len(RESULT_PREFIX):]))
+                if fields.get("split", "test") == "test" and _accuracy_of(fields) is not None:
+                    ours = fields
+            elif match := DASSL_ACCURACY.match(line):
+                if evaluated_split in (None, "test"):
+                    dassl = float(match.group(1))
+
+    if started and not trained:
+        epoch, epochs, batch, batches = last_epoch.groups()
+        where = f"stopped at epoch {epoch}/{epochs}" + (f", batch {batch}/{batches}" if batch else "")
+        return LogResult(None, progress=where)
+    if ours is not None:
+        return LogResult(_accuracy_of(ours), fields=ours)
+    if dassl is not None:
+        return LogResult(dassl, from_dassl_line=True)
+    if trained:
+        return LogResult(None, progress="training finished but the log has no test result")
+    if not last_line:
+        return LogResult(None, progress="log.txt is empty")
+    return LogResult(None, progress=f"no training epoch or test result; last line: {last_line[:100]!r}")
+
+
+def _accuracy_of(fields):
+    try:
+        return float(fields.get("accuracy", "").rstrip("%"))
+    except ValueError:
+        return None
+
+
+@dataclass
+class Run:
+    part: str
+    dataset: str
+    shots: int
+    trainer: str
+    cfg: str
+    seed: int
+    path: Path
+    log: LogResult | None  # None: the folder has no log.txt
+
+    @property
+    def protocol(self):
+        return next(p for p, parts in PROTOCOL_PARTS.items() if self.part in parts)
+
+    @property
+    def group(self):
+        return (self.protocol, self.trainer, self.cfg, self.shots)
+
+    def mismatch(self):
+        """Why the log's own metadata contradicts the folder it is in (None when it agrees)."""
+        fields = self.log.fields if self.log else {}
+        expected = {"seed": str(self.seed), "trainer": self.trainer, "subsample": PART_SUBSAMPLE[self.part]}
+        wrong = [f"{key}={fields[key]} (folder says {value})" for key, value in expected.items()
+                 if key in fields and fields[key] != value]
+        return ", ".join(wrong) or None
+
+
+def discover_runs(root, protocols):
+    """All seed folders under root for the given protocols; also the folders whose names do not fit."""
+    runs, odd_folders = [], []
+    for protocol in protocols:
+        for part in PROTOCOL_PARTS[protocol]:
+            for seed_dir in sorted((root / PART_FOLDERS[part]).glob("*/*/*/*/seed*")):
+                if not seed_dir.is_dir():
+                    continue
+                dataset, shots_name, trainer, cfg = seed_dir.parts[-5:-1]
+                shots = re.fullmatch(r"shots_(\d+)", shots_name)
+                seed = re.fullmatch(r"seed(\d+)", seed_dir.name)
+                if not (shots and seed):
+                    odd_folders.append(seed_dir)
+                    continue
+                log_path = seed_dir / "log.txt"
+                log = parse_log(log_path) if log_path.is_file() else None
+                runs.append(Run(part, dataset, int(shots.group(1)), trainer, cfg, int(seed.group(1)), seed_dir, log))
+    return runs, odd_folders
+
+
+@dataclass
+class Stat:
+    mean: float
+    spread: float  # std over seeds, or the 95% confidence half-width
+    n: int
+
+
+def summarise(values, ci95=False):
+    """Mean and spread of per-seed accuracies; None for no values."""
+    if not values:
+        return None
+    std = statistics.pstdev(values)
+    spread = 1.96 * std / math.sqrt(len(values)) if ci95 else std
+    return Stat(statistics.fmean(values), spread, len(values))
+
+
+def harmonic_mean(base, new):
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
+class Published(NamedTuple):
+    base: float
+    new: float
+    hm: float
+    source: str
+
+
+def load_published(path=BASELINES_CSV):
+    """{(dataset, method): Published} from the published-baselines file; 'average' rows included."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header != BASELINES_HEADER:
+                sys.exit(f"error: {path}: the header must be {','.join(BASELINES_HEADER)}, found {header}")
+            published = {}
+            for line_number, row in enumerate(reader, start=2):
+                try:
+                    dataset, method, base, new, hm, source = row
+                    published[(dataset, method)] = Published(float(base), float(new), float(hm), source)
+                except ValueError:
+                    sys.exit(f"error: {path}, line {line_number}: expected {len(BASELINES_HEADER)} columns "
+                             f"with numbers for base, new and hm, found {row}")
+    except OSError as error:
+        sys.exit(f"error: cannot read the published baselines {path}: {error.strerror}")
+    return published
+
+
+@dataclass
+class Row:
+    label: str
+    values: dict  # column name -> Stat (per dataset) or float (HM, averages) or None
+    seeds: str = ""
+    published: dict = field(default_factory=dict)  # method -> (base, new, hm)
+
+
+def _mean_of(stat):
+    return stat.mean if isinstance(stat, Stat) else stat
+
+
+def _average_row(label_all, label_some, wanted, rows_by_dataset, columns):
+    """The average over the datasets in `wanted`, using only those with every column measured.
+
+    Complete: labelled label_all. Partial (at least two datasets): labelled with how many are in it,
+    because the papers' average is over all of them. None otherwise.
+    """
+    present = [d for d in wanted if d in rows_by_dataset
+               and all(rows_by_dataset[d].values.get(c) is not None for c in columns)]
+    if len(present) < 2:
+        return None, present
+    values = {c: statistics.fmean(_mean_of(rows_by_dataset[d].values[c]) for d in present) for c in columns}
+    label = label_all if len(present) == len(wanted) else f"{label_some} ({len(present)} of {len(wanted)})"
+    return Row(label, values), present
+
+
+def base2new_rows(accuracies, published, ci95):
+    """accuracies: {(part, dataset): {seed: accuracy}} -> table rows, the average last."""
+    methods = _per_dataset_methods(published)
+    rows_by_dataset = {}
+    for dataset in _ordered({d for _, d in accuracies}):
+        base = summarise(list(accuracies.get(("train_base", dataset), {}).values()), ci95)
+        new = summarise(list(accuracies.get(("test_new", dataset), {}).values()), ci95)
+        hm = harmonic_mean(base.mean, new.mean) if base and new else None
+        rows_by_dataset[dataset] = Row(
+            DISPLAY_NAMES.get(dataset, dataset),
+            {"base": base, "new": new, "hm": hm},
+            seeds=f"{base.n if base else 0}/{new.n if new else 0}",
+            published={m: published[(dataset, m)][:3] for m in methods if (dataset, m) in published},
+        )
+    rows = list(rows_by_dataset.values())
+    average, present = _average_row("Average (11 datasets)", "Average of the datasets present",
+                                     BENCHMARK, rows_by_dataset, ("base", "new"))
+    if average:
+        # The papers' convention: HM of the averaged base and new accuracies.
+        average.values["hm"] = harmonic_mean(average.values["base"], average.values["new"])
+        if len(present) == len(BENCHMARK):
+            average.published = {m: published[("average", m)][:3] for m in methods if ("average", m) in published}
+        else:  # the published columns averaged over the same datasets, for a like-for-like comparison
+            for method in methods:
+                if all((d, method) in published for d in present):
+                    base = statistics.fmean(published[(d, method)].base for d in present)
+                    new = statistics.fmean(published[(d, method)].new for d in present)
+                    average.published[method] = (base, new, harmonic_mean(base, new))
+        rows.append(average)
+    return rows
+
+
+def accuracy_rows(accuracies, protocol, ci95):
+    """Few-shot and cross-dataset tables: one accuracy column; averages as in the papers."""
+    rows_by_dataset = {}
+    if protocol == "xd":
+        source = summarise(list(accuracies.get(("xd_train", "imagenet"), {}).values()), ci95)
+        if source:
+            rows_by_dataset["source"] = Row("ImageNet (source, from the training run)", {"acc": source}, str(source.n))
+    test_part = "xd_test" if protocol == "xd" else "fewshot"
+    for dataset in _ordered({d for part, d in accuracies if part == test_part}):
+        stat = summarise(list(accuracies[(test_part, dataset)].values()), ci95)
+        rows_by_dataset[dataset] = Row(DISPLAY_NAMES.get(dataset, dataset), {"acc": stat}, str(stat.n if stat else 0))
+    rows = list(rows_by_dataset.values())
+    if protocol == "xd":
+        averages = [("Cross-dataset average (10 targets)", "Cross-dataset average of the targets present", XD_TARGETS),
+                    ("Domain generalisation average (4 targets)", "Domain generalisation average of the targets present", DG_TARGETS)]
+    else:
+        averages = [("Average (11 datasets)", "Average of the datasets present", BENCHMARK)]
+    for label_all, label_some, wanted in averages:
+        average, _ = _average_row(label_all, label_some, wanted, rows_by_dataset, ("acc",))
+        if average:
+            rows.append(average)
+    return rows
+
+
+def _ordered(datasets):
+    """Benchmark order first (as in the papers' tables), then any other dataset alphabetically."""
+    order = BENCHMARK + DG_TARGETS
+    return sorted(datasets, key=lambda d: (order.index(d) if d in order else len(order), d))
+
+
+def _per_dataset_methods(published):
+    """Methods with per-dataset numbers, in file order: the published columns of the table."""
+    return list(dict.fromkeys(method for dataset, method in published if dataset != "average"))
+
+
+def format_cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, Stat):
+        return f"{value.mean:.2f}" if value.n == 1 else f"{value.mean:.2f} +- {value.spread:.2f}"
+    return f"{value:.2f}"
+
+
+def render_table(protocol, rows, ci95):
+    spread = "mean +- 95% CI" if ci95 else "mean +- std"
+    if protocol == "base2new":
+        methods = list(dict.fromkeys(m for row in rows for m in row.published))
+        headers = ["dataset", "seeds B/N", f"base ({spread})", "new", "HM"] + [f"{m} B / N / HM" for m in methods]
+        body = [[row.label, row.seeds, *(format_cell(row.values.get(c)) for c in ("base", "new", "hm")),
+                 *(" / ".join(f"{x:.2f}" for x in row.published[m]) if m in row.published else "-" for m in methods)]
+                for row in rows]
+    else:
+        headers = ["dataset", "seeds", f"accuracy ({spread})"]
+        body = [[row.label, row.seeds, format_cell(row.values.get("acc"))] for row in rows]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def rerun_command(run_root, part, dataset, seed, trainer, cfg, shots):
+    """The script call that creates a missing run."""
+    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg} SHOTS={shots}"
+    args = [str(seed)] if part == "xd_train" else [dataset, str(seed)]
+    return f"{env} bash scripts/rada/{PART_SCRIPTS[part]} {' '.join(args)}"
+
+
+@dataclass
+class GroupReport:
+    """One (protocol, trainer, cfg, shots) group: its table rows and what is wrong or absent."""
+
+    rows: list = field(default_factory=list)
+    finished: int = 0
+    missing: list = field(default_factory=list)  # expected seeds without a folder, with the command to run
+    unfinished: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)  # logs that contradict their folder
+    fallback: list = field(default_factory=list)  # read from Dassl's `* accuracy:` line
+    ignored_seeds: list = field(default_factory=list)
+    not_run: list = field(default_factory=list)  # benchmark datasets with no folder at all
+
+
+def summarise_group(key, runs, root, seeds, published, ci95):
+    protocol, trainer, cfg, shots = key
+    accuracies = defaultdict(dict)
+    report = GroupReport()
+    present = defaultdict(set)
+    for run in runs:
+        if run.seed not in seeds:
+            report.ignored_seeds.append(run.path)
+            continue
+        present[(run.part, run.dataset)].add(run.seed)
+        if run.log is None:
+            report.unfinished.append(f"{run.path}: no log.txt (never started, or stopped before logging)")
+        elif run.log.accuracy is None:
+            report.unfinished.append(f"{run.path}: {run.log.progress}")
+        elif mismatch := run.mismatch():
+            report.rejected.append(f"{run.path}: its log reports {mismatch}")
+        else:
+            accuracies[(run.part, run.dataset)][run.seed] = run.log.accuracy
+            report.finished += 1
+            if run.log.from_dassl_line:
+                report.fallback.append(run.path)
+
+    # A dataset started in any part is expected in every part, for every seed (xd: one ImageNet training).
+    targets = {dataset for part, dataset in present if part != "xd_train"}
+    expected = [(part, dataset) for part in PROTOCOL_PARTS[protocol]
+                for dataset in (["imagenet"] if part == "xd_train" else _ordered(targets))]
+    for part, dataset in expected:
+        for seed in sorted(set(seeds) - present[(part, dataset)]):
+            report.missing.append(f"{part} {dataset} seed {seed}: run "
+                                  + rerun_command(root, part, dataset, seed, trainer, cfg, shots))
+
+    wanted = XD_TARGETS + DG_TARGETS if protocol == "xd" else BENCHMARK
+    report.not_run = [d for d in wanted if d not in targets]
+    if protocol == "base2new":
+        report.rows = base2new_rows(accuracies, published, ci95)
+    else:
+        report.rows = accuracy_rows(accuracies, protocol, ci95)
+    return report
+
+
+def print_group(key, report, seeds, ci95):
+    protocol, trainer, cfg, shots = key
+    print(f"== {protocol} | trainer {trainer} | config {cfg} | {shots} shots | seeds {' '.join(map(str, seeds))} ==")
+    if report.finished:
+        print(render_table(protocol, report.rows, ci95))
+    else:
+        print("(no finished run)")
+    sections = [
+        ("Missing runs", report.missing),
+        ("Unfinished runs (still running, stopped or crashed)", report.unfinished),
+        ("Rejected runs (the log contradicts its folder; not counted)", report.rejected),
+        ("Read from Dassl's one-decimal `* accuracy:` line (no `* result:` line: a log written by another tool)",
+         report.fallback),
+        ("Seed folders outside --seeds (not counted)", report.ignored_seeds),
+    ]
+    for title, lines in sections:
+        if lines:
+            print(f"{title}: {len(lines)}")
+            for line in lines:
+                print(f"  {line}")
+    if report.not_run:
+        print(f"Not run: {' '.join(report.not_run)}")
+    print()
+
+
+def print_published_averages(published):
+    rows = [[method + (" (secondary source, unconfirmed)" if numbers.source.lower().startswith("secondary") else ""),
+             *(f"{x:.2f}" for x in numbers[:3])]
+            for (dataset, method), numbers in published.items() if dataset == "average"]
+    print(f"== published base-to-new averages over the 11 datasets (ViT-B/16, 16 shots; sources in {BASELINES_CSV.name}) ==")
+    print(tabulate(rows, headers=["method", "base", "new", "HM"], tablefmt="github", disable_numparse=True))
+    print()
+
+
+def write_csv(path, summaries, ci95):
+    spread = "ci95" if ci95 else "std"
+    columns = ["protocol", "trainer", "cfg", "shots", "dataset",
+               "base_mean", f"base_{spread}", "base_seeds", "new_mean", f"new_{spread}", "new_seeds", "hm",
+               "acc_mean", f"acc_{spread}", "acc_seeds"]
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for (protocol, trainer, cfg, shots), report in summaries:
+                for row in report.rows:
+                    record = {"protocol": protocol, "trainer": trainer, "cfg": cfg, "shots": shots, "dataset": row.label}
+                    for column, value in row.values.items():
+                        if isinstance(value, Stat):
+                            record.update({f"{column}_mean": round(value.mean, 4),
+                                           f"{column}_{spread}": round(value.spread, 4), f"{column}_seeds": value.n})
+                        elif value is not None:  # HM, and the averages (plain means)
+                            record["hm" if column == "hm" else f"{column}_mean"] = round(value, 4)
+                    writer.writerow(record)
+    except OSError as error:
+        sys.exit(f"error: cannot write the CSV file {path}: {error.strerror}")
+
+
+def resolve_root(output_dir, protocol):
+    """The output root and the protocols to read; a protocol folder (e.g. output/base2new) is accepted too."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        sys.exit(f"error: the output folder {root} does not exist. Give the folder the scripts wrote to "
+                 "(./output unless OUTPUT was set).")
+    if root.name in PROTOCOL_PARTS and not any((root / p).is_dir() for p in PROTOCOL_PARTS):
+        if protocol and protocol != root.name:
+            sys.exit(f"error: {root} is the {root.name} protocol folder, but --protocol {protocol} was given")
+        return root.parent, [root.name]
+    return root, [protocol] if protocol else list(PROTOCOL_PARTS)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output_dir", help="the output root of scripts/rada/*.sh (e.g. output)")
+    parser.add_argument("--protocol", choices=list(PROTOCOL_PARTS), help="only this protocol (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="expected seeds (default: 1 2 3)")
+    parser.add_argument("--ci95", action="store_true", help="show the 95%% confidence interval instead of the std")
+    parser.add_argument("--csv", metavar="PATH", help="also write the tables to this CSV file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seeds = sorted(set(args.seeds))
+    root, protocols = resolve_root(args.output_dir, args.protocol)
+    runs, odd_folders = discover_runs(root, protocols)
+    published = load_published()
+
+    runs_by_group = defaultdict(list)
+    for run in runs:
+        runs_by_group[run.group].append(run)
+    order = list(PROTOCOL_PARTS)
+    summaries = [(key, summarise_group(key, runs_by_group[key], root, seeds, published, args.ci95))
+                 for key in sorted(runs_by_group, key=lambda k: (order.index(k[0]), k[1:]))]
+
+    for key, report in summaries:
+        print_group(key, report, seeds, args.ci95)
+    if odd_folders:
+        print(f"Folders not named shots_<K>/.../seed<S> (not read): {' '.join(map(str, odd_folders))}")
+    if any(key[0] == "base2new" and report.finished for key, report in summaries):
+        print_published_averages(published)
+
+    if not any(report.finished for _, report in summaries):
+        if runs:
+            print(f"error: none of the {len(runs)} run folder(s) under {root} holds a finished run "
+                  "(see the unfinished and missing runs above)", file=sys.stderr)
+        else:
+            part = PROTOCOL_PARTS[protocols[0]][0]
+            print(f"error: no run folder found under {root} for {', '.join(protocols)}: expected folders such as "
+                  f"{root / PART_FOLDERS[part]}/<dataset>/shots_<K>/<trainer>/<cfg>/seed<S>/log.txt, "
+                  "as written by scripts/rada/*.sh", file=sys.stderr)
+        return 1
+    if args.csv:
+        write_csv(args.csv, summaries, args.ci95)
+        print(f"Wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Base-to-new, step 2: evaluate the model trained by base2new_train.sh on the new classes.
+#
+#   bash scripts/rada/base2new_test.sh DATASET SEED [KEY VALUE ...]
+#
+# DATASET, SEED and the environment (DATA, OUTPUT, TRAINER, CFG, SHOTS) as for base2new_train.sh,
+# which must have finished first. LOADEP (optional) pins the checkpoint epoch; by default train.py
+# loads the latest checkpoint. Trailing KEY VALUE pairs are passed to train.py as yacs options.
+# Output: OUTPUT/base2new/test_new/DATASET/shots_SHOTS/TRAINER/CFG/seedSEED (its log holds the new accuracy).
+# A finished evaluation there is skipped.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+check_usage "DATASET SEED" "$@"
+DATASET="$1"
+SEED="$2"
+shift 2
+check_dataset "$DATASET"
+check_common "$SEED" "$@"
+resolve_cfg base2new
+
+COMMON_DIR="$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
+TRAIN_DIR="$OUTPUT/base2new/train_base/$COMMON_DIR"
+DIR="$OUTPUT/base2new/test_new/$COMMON_DIR"
+is_training_free || require_trained "$TRAIN_DIR" base2new_train.sh "$DATASET" "$SEED"
+skip_if_finished "$DIR"
+start_command "$DATASET" "$DIR"
+add_eval_flags "$TRAIN_DIR"
+CMD+=(DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES new "$@")
+run_command

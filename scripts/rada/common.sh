@@ -1,0 +1,196 @@
+# Shared by the protocol scripts in scripts/rada/ (sourced, not run): environment defaults, the
+# per-trainer default configs, argument checks and the command runner.
+# DATA and OUTPUT, when relative, are relative to the directory the script is run from.
+
+RADA_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$RADA_REPO/scripts/setup_env.sh"
+
+DATA="${DATA:-./data}"
+OUTPUT="${OUTPUT:-./output}"
+TRAINER="${TRAINER:-RAdaCoOp}"
+SHOTS="${SHOTS:-16}"
+CFG="${CFG:-}"
+
+# From the repo root the echoed commands read like CoOp's (train.py, configs/...); elsewhere they
+# use absolute paths so that they still work when copied.
+if [ "$PWD" -ef "$RADA_REPO" ]; then REPO_PREFIX=""; else REPO_PREFIX="$RADA_REPO/"; fi
+
+# The one table of default configs: configs/trainers/<trainer>/<config>.yaml. CFG overrides it.
+# Columns: trainer, config for base-to-new and few-shot, config for cross-dataset (- = the same).
+TRAINER_CONFIGS="
+ZeroshotCLIP  vit_b16                     -
+CoOp          vit_b16_ep50_ctxv1          -
+RAdaCoOp      vit_b16_ep50_ctxv1          -
+RAda          vit_b16_ep5                 -
+MaPLe         vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets
+RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets
+CLIPAdapter   vit_b16_ep5                 -
+RAdaAdapter   vit_b16_ep5                 -
+FT            vit_b16_ep10                -
+FLYP          vit_b16_ep10                -
+RAdaFT        vit_b16_ep10                -
+"
+# Trainers with nothing to learn: every step of a protocol is an evaluation (--eval-only, no model dir).
+TRAINING_FREE_TRAINERS="ZeroshotCLIP"
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# The calling script's header comment is its usage text.
+print_usage() {
+    awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"
+}
+
+# check_usage "DATASET SEED" "$@": handles -h/--help and too few arguments.
+check_usage() {
+    local names="$1"
+    shift
+    if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+        print_usage
+        exit 0
+    fi
+    local wanted
+    wanted=$(wc -w <<<"$names")
+    if [ $# -lt "$wanted" ]; then
+        print_usage >&2
+        die "missing arguments: expected $names, got $# argument(s)"
+    fi
+}
+
+yaml_stems() {
+    local file stems=()
+    for file in "$1"/*.yaml; do
+        [ -e "$file" ] && stems+=("$(basename "$file" .yaml)")
+    done
+    if [ ${#stems[@]} -eq 0 ]; then echo "(none)"; else echo "${stems[*]}"; fi
+}
+
+known_trainers() {
+    awk 'NF {printf "%s%s", sep, $1; sep = " "}' <<<"$TRAINER_CONFIGS"
+}
+
+check_dataset() {
+    [ -f "$RADA_REPO/configs/datasets/$1.yaml" ] ||
+        die "unknown dataset '$1': there is no configs/datasets/$1.yaml. Available datasets: $(yaml_stems "$RADA_REPO/configs/datasets")"
+}
+
+check_positive_integer() { # name value [why]
+    [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'${3:+ ($3)}"
+}
+
+# Checks shared by every script: seed, shots, LOADEP, data root and the trailing yacs options.
+check_common() { # seed yacs-options...
+    check_positive_integer SEED "$1" "Dassl's train.py ignores --seed 0; the papers use seeds 1 2 3"
+    shift
+    check_positive_integer SHOTS "$SHOTS"
+    [ -z "${LOADEP:-}" ] || check_positive_integer LOADEP "$LOADEP" "the epoch of the checkpoint to load"
+    [ -d "$DATA" ] || die "dataset root '$DATA' does not exist: set DATA to the folder that holds the datasets"
+    if [ $(($# % 2)) -ne 0 ]; then
+        die "arguments after the required ones are yacs options and come in KEY VALUE pairs; got $# word(s): $*"
+    fi
+}
+
+# resolve_cfg PROTOCOL (base2new|fewshot|xd): sets CFG from the table unless given, checks its YAML.
+resolve_cfg() {
+    if [ -z "$CFG" ]; then
+        local row xd_cfg
+        row="$(awk -v trainer="$TRAINER" '$1 == trainer' <<<"$TRAINER_CONFIGS")"
+        [ -n "$row" ] ||
+            die "unknown trainer '$TRAINER' and no CFG given. Known trainers: $(known_trainers). For another trainer set CFG to a config name in configs/trainers/$TRAINER/"
+        read -r _ CFG xd_cfg <<<"$row"
+        if [ "$1" = xd ] && [ "$xd_cfg" != - ]; then CFG="$xd_cfg"; fi
+    fi
+    local config_dir="$RADA_REPO/configs/trainers/$TRAINER"
+    if [ ! -d "$config_dir" ]; then
+        die "no folder configs/trainers/$TRAINER/ for TRAINER=$TRAINER. Known trainers: $(known_trainers)"
+    fi
+    [ -f "$config_dir/$CFG.yaml" ] ||
+        die "no trainer config configs/trainers/$TRAINER/$CFG.yaml. Available for $TRAINER: $(yaml_stems "$config_dir")"
+}
+
+is_training_free() {
+    [[ " $TRAINING_FREE_TRAINERS " == *" $TRAINER "* ]]
+}
+
+# Exit status 0 when DIR/log.txt holds a test result of a complete run: our `* result:` line with
+# split=test or Dassl's `* accuracy:` line outside a validation block, and, if the log shows
+# training, the `Finish training` line. scripts/parse_results.py applies the same rule.
+run_finished() {
+    [ -f "$1/log.txt" ] && awk '
+        { sub(/\r$/, ""); sub(/^[ \t]+/, "") }
+        /^epoch \[[0-9]+\/[0-9]+\]/ { started = 1 }
+        /^Finish(ed)? training/ { trained = 1 }
+        /^Evaluate on the \*[a-z]+\* set/ { block = $4 }
+        /^\* result:/ && (/ split=test( |$)/ || !/ split=/) { found = 1 }
+        /^\* accuracy:/ && block != "*val*" { found = 1 }
+        END { exit !(found && (trained || !started)) }
+    ' "$1/log.txt"
+}
+
+# How far an unfinished run got, for messages.
+run_progress() {
+    local last_epoch
+    [ -f "$1/log.txt" ] || { echo "no log.txt"; return; }
+    last_epoch="$(grep -oE '^epoch \[[0-9]+/[0-9]+\]( batch \[[0-9]+/[0-9]+\])?' "$1/log.txt" | tail -n 1 || true)"
+    echo "${last_epoch:-no epoch reached}"
+}
+
+# Exits 0 when DIR already holds a finished run; says so when an unfinished one is re-run.
+skip_if_finished() {
+    if run_finished "$1"; then
+        echo "Skipping: $1 already holds a finished run (delete that folder to run it again)."
+        exit 0
+    fi
+    if [ -f "$1/log.txt" ]; then
+        echo "Found an unfinished run in $1 (log reached: $(run_progress "$1")); running it again (training resumes from its last checkpoint)."
+    fi
+}
+
+# The command that (re)creates a missing run, with the environment that selects the same folders.
+rerun_hint() { # script args...
+    local script="$1"
+    shift
+    printf 'DATA=%q OUTPUT=%q TRAINER=%q CFG=%q SHOTS=%q bash %q' \
+        "$DATA" "$OUTPUT" "$TRAINER" "$CFG" "$SHOTS" "${REPO_PREFIX}scripts/rada/$script"
+    printf ' %q' "$@"
+}
+
+# Evaluation scripts need the trained model first.
+require_trained() { # train_dir script args...
+    local train_dir="$1"
+    shift
+    [ -d "$train_dir" ] ||
+        die "no trained model: $train_dir does not exist. Train it first with: $(rerun_hint "$@")"
+    if [ -f "$train_dir/log.txt" ] && ! run_finished "$train_dir"; then
+        die "the training run in $train_dir is unfinished (log reached: $(run_progress "$train_dir")). Finish it first with: $(rerun_hint "$@")"
+    fi
+}
+
+# Starts CMD, the train.py command line, for DATASET and OUTPUT_DIR; scripts append to it.
+start_command() { # dataset output_dir
+    CMD=(python "${REPO_PREFIX}train.py"
+        --root "$DATA"
+        --seed "$SEED"
+        --trainer "$TRAINER"
+        --dataset-config-file "${REPO_PREFIX}configs/datasets/$1.yaml"
+        --config-file "${REPO_PREFIX}configs/trainers/$TRAINER/$CFG.yaml"
+        --output-dir "$2")
+}
+
+# Appends the flags that load the model trained in DIR (none for training-free trainers).
+add_eval_flags() { # model_dir
+    CMD+=(--eval-only)
+    if ! is_training_free; then
+        CMD+=(--model-dir "$1")
+        if [ -n "${LOADEP:-}" ]; then CMD+=(--load-epoch "$LOADEP"); fi
+    fi
+}
+
+run_command() {
+    local line
+    printf -v line '%q ' "${CMD[@]}"
+    echo "+ ${line% }"
+    "${CMD[@]}"
+}

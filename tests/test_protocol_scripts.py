@@ -1,0 +1,238 @@
+"""scripts/rada/*.sh with a stub `python` first on PATH: the exact train.py command lines and the errors.
+
+Each test copies the scripts into a fake repository (configs written here, no train.py needed), so
+the tests do not depend on which configs the rest of the project ships.
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.run_logs import dassl_log, load_parse_results, rada_log, unfinished_log
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = ("caltech101", "dtd", "imagenet", "imagenet_a")
+TRAINER_CONFIGS = {
+    "RAdaCoOp": ("vit_b16_ep50_ctxv1", "vit_b16_ep50_ctxv1_long"),
+    "MaPLe": ("vit_b16_c2_ep5_batch4_2ctx", "vit_b16_c2_ep5_batch4_2ctx_cross_datasets"),
+    "ZeroshotCLIP": ("vit_b16",),
+}
+B2N = "output/base2new"
+RADA_CFG = "RAdaCoOp/vit_b16_ep50_ctxv1"
+parse_results = load_parse_results()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copytree(REPO / "scripts" / "rada", root / "scripts" / "rada")
+    shutil.copy(REPO / "scripts" / "setup_env.sh", root / "scripts")
+    for stem in DATASETS:
+        (root / "configs" / "datasets").mkdir(parents=True, exist_ok=True)
+        (root / "configs" / "datasets" / f"{stem}.yaml").write_text(f"DATASET:\n  NAME: {stem}\n")
+    for trainer, cfgs in TRAINER_CONFIGS.items():
+        (root / "configs" / "trainers" / trainer).mkdir(parents=True)
+        for cfg in cfgs:
+            (root / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text("OPTIM:\n  MAX_EPOCH: 1\n")
+    (root / "data").mkdir()
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_ARGV"\n')
+    stub.chmod(0o755)
+    return root
+
+
+def run_script(repo, script, *args, cwd=None, **env):
+    """Runs scripts/rada/<script>; returns (completed process, argv the stub python got or None)."""
+    argv_file = repo.parent / "argv.txt"
+    argv_file.unlink(missing_ok=True)
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in {"DATA", "OUTPUT", "TRAINER", "CFG", "SHOTS", "LOADEP"}}
+    environment.update(PATH=f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", RADA_SKIP_SETUP="1",
+                       STUB_ARGV=str(argv_file), **env)
+    result = subprocess.run(["bash", str(repo / "scripts" / "rada" / script), *map(str, args)],
+                            cwd=cwd or repo, env=environment, capture_output=True, text=True, timeout=60)
+    argv = argv_file.read_text().splitlines() if argv_file.exists() else None
+    return result, argv
+
+
+def train_py(seed, trainer, dataset, cfg, output_dir, root="./data"):
+    return ["train.py", "--root", root, "--seed", str(seed), "--trainer", trainer,
+            "--dataset-config-file", f"configs/datasets/{dataset}.yaml",
+            "--config-file", f"configs/trainers/{trainer}/{cfg}.yaml", "--output-dir", output_dir]
+
+
+def finish(repo, run_dir, log_text):
+    path = repo / run_dir
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "log.txt").write_text(log_text)
+
+
+# ---- the command lines -------------------------------------------------------------------------
+
+def test_base2new_train_command_and_yacs_pass_through(repo):
+    result, argv = run_script(repo, "base2new_train.sh", "caltech101", 1, "OPTIM.MAX_EPOCH", 2, "TRAINER.RADA.TEMP", 0.5)
+    assert result.returncode == 0, result.stderr
+    out_dir = f"./{B2N}/train_base/caltech101/shots_16/{RADA_CFG}/seed1"
+    assert argv == train_py(1, "RAdaCoOp", "caltech101", "vit_b16_ep50_ctxv1", out_dir) + [
+        "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "base", "OPTIM.MAX_EPOCH", "2", "TRAINER.RADA.TEMP", "0.5"]
+    assert f"+ python {' '.join(argv)}" in result.stdout.splitlines()  # echoed before running
+
+
+def test_base2new_test_loads_the_trained_model(repo):
+    train_dir = f"./{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed2"
+    finish(repo, train_dir, rada_log(80.0, subsample="base", seed=2))
+    result, argv = run_script(repo, "base2new_test.sh", "dtd", 2, "TEST.FINAL_MODEL", "last_step")
+    assert result.returncode == 0, result.stderr
+    assert argv == train_py(2, "RAdaCoOp", "dtd", "vit_b16_ep50_ctxv1", f"./{B2N}/test_new/dtd/shots_16/{RADA_CFG}/seed2") + [
+        "--eval-only", "--model-dir", train_dir,
+        "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "new", "TEST.FINAL_MODEL", "last_step"]
+
+    _, pinned = run_script(repo, "base2new_test.sh", "dtd", 2, LOADEP="3")
+    assert pinned[pinned.index("--model-dir") + 2:][:2] == ["--load-epoch", "3"]
+
+
+def test_environment_overrides(repo, tmp_path):
+    data = tmp_path / "datasets"
+    data.mkdir()
+    _, argv = run_script(repo, "base2new_train.sh", "dtd", 3, TRAINER="MaPLe", SHOTS="4", OUTPUT="runs", DATA=str(data))
+    assert argv == train_py(3, "MaPLe", "dtd", "vit_b16_c2_ep5_batch4_2ctx",
+                            "runs/base2new/train_base/dtd/shots_4/MaPLe/vit_b16_c2_ep5_batch4_2ctx/seed3",
+                            root=str(data)) + ["DATASET.NUM_SHOTS", "4", "DATASET.SUBSAMPLE_CLASSES", "base"]
+
+    _, argv = run_script(repo, "fewshot.sh", "dtd", 1, CFG="vit_b16_ep50_ctxv1_long")
+    assert argv[argv.index("--config-file") + 1] == "configs/trainers/RAdaCoOp/vit_b16_ep50_ctxv1_long.yaml"
+    assert argv[argv.index("--output-dir") + 1] == "./output/fewshot/dtd/shots_16/RAdaCoOp/vit_b16_ep50_ctxv1_long/seed1"
+
+
+def test_fewshot_uses_all_classes(repo):
+    _, argv = run_script(repo, "fewshot.sh", "caltech101", 2, SHOTS="1")
+    assert argv == train_py(2, "RAdaCoOp", "caltech101", "vit_b16_ep50_ctxv1",
+                            f"./output/fewshot/caltech101/shots_1/{RADA_CFG}/seed2") + ["DATASET.NUM_SHOTS", "1"]
+
+
+def test_cross_dataset_train_and_test(repo):
+    cross_cfg = "MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets"
+    result, argv = run_script(repo, "xd_train.sh", 1, TRAINER="MaPLe")
+    assert result.returncode == 0, result.stderr
+    train_dir = f"./output/xd/train/imagenet/shots_16/{cross_cfg}/seed1"
+    assert argv == train_py(1, "MaPLe", "imagenet", "vit_b16_c2_ep5_batch4_2ctx_cross_datasets", train_dir) + [
+        "DATASET.NUM_SHOTS", "16"]
+
+    finish(repo, train_dir, rada_log(70.0, subsample="all", trainer="MaPLe"))
+    result, argv = run_script(repo, "xd_test.sh", "imagenet_a", 1, "DATALOADER.TEST.BATCH_SIZE", 50, TRAINER="MaPLe")
+    assert result.returncode == 0, result.stderr
+    assert argv == train_py(1, "MaPLe", "imagenet_a", "vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
+                            f"./output/xd/test/imagenet_a/shots_16/{cross_cfg}/seed1") + [
+        "--eval-only", "--model-dir", train_dir, "DATALOADER.TEST.BATCH_SIZE", "50"]
+
+
+def test_training_free_trainer_only_evaluates(repo):
+    _, argv = run_script(repo, "base2new_train.sh", "dtd", 1, TRAINER="ZeroshotCLIP")
+    assert argv[argv.index("--output-dir") + 2:] == [
+        "--eval-only", "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "base"]
+    result, argv = run_script(repo, "base2new_test.sh", "dtd", 1, TRAINER="ZeroshotCLIP")  # no training needed
+    assert result.returncode == 0, result.stderr
+    assert "--model-dir" not in argv and "--eval-only" in argv
+
+
+def test_from_another_directory_paths_are_absolute(repo, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert argv[0] == f"{repo}/train.py"
+    assert argv[argv.index("--dataset-config-file") + 1] == f"{repo}/configs/datasets/dtd.yaml"
+    assert argv[argv.index("--root") + 1] == "./data"  # DATA and OUTPUT stay relative to where you are
+
+
+# ---- finished, unfinished and missing runs -----------------------------------------------------
+
+def test_finished_train_run_is_skipped_and_unfinished_one_rerun(repo):
+    run_dir = f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1"
+    finish(repo, run_dir, rada_log(80.0))
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1)
+    assert result.returncode == 0 and argv is None
+    assert "already holds a finished run" in result.stdout
+
+    finish(repo, run_dir, unfinished_log(stop_epoch=2, epochs=5, stop_batch=7, batches=40))
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1)
+    assert argv is not None
+    assert "unfinished run" in result.stdout and "epoch [2/5] batch [7/40]" in result.stdout
+
+
+def test_test_before_train_names_the_missing_dir_and_the_command(repo):
+    result, argv = run_script(repo, "base2new_test.sh", "caltech101", 1, SHOTS="8")
+    assert result.returncode == 1 and argv is None
+    assert f"./{B2N}/train_base/caltech101/shots_8/{RADA_CFG}/seed1 does not exist" in result.stderr
+    assert ("TRAINER=RAdaCoOp CFG=vit_b16_ep50_ctxv1 SHOTS=8 bash scripts/rada/base2new_train.sh caltech101 1"
+            in result.stderr)
+
+    result, argv = run_script(repo, "xd_test.sh", "imagenet_a", 2)
+    assert result.returncode == 1 and argv is None
+    assert "bash scripts/rada/xd_train.sh 2" in result.stderr
+
+
+def test_test_refuses_an_unfinished_training(repo):
+    finish(repo, f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1", unfinished_log(stop_epoch=3, stop_batch=20))
+    result, argv = run_script(repo, "base2new_test.sh", "dtd", 1)
+    assert result.returncode == 1 and argv is None
+    assert "unfinished (log reached: epoch [3/5] batch [20/40])" in result.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, args, env, message", [
+    ("base2new_train.sh", ["foo", 1], {},
+     "unknown dataset 'foo': there is no configs/datasets/foo.yaml. Available datasets: caltech101 dtd imagenet imagenet_a"),
+    ("xd_test.sh", ["imagenet-r", 1], {}, "unknown dataset 'imagenet-r'"),
+    ("fewshot.sh", ["dtd", 1], {"TRAINER": "CoCoOp"},
+     "unknown trainer 'CoCoOp' and no CFG given. Known trainers: ZeroshotCLIP CoOp RAdaCoOp RAda MaPLe RAdaMaPLe "
+     "CLIPAdapter RAdaAdapter FT FLYP RAdaFT"),
+    ("base2new_train.sh", ["dtd", 1], {"TRAINER": "FT"}, "no folder configs/trainers/FT/"),
+    ("base2new_train.sh", ["dtd", 1], {"CFG": "vit_b32"},
+     "no trainer config configs/trainers/RAdaCoOp/vit_b32.yaml. Available for RAdaCoOp: vit_b16_ep50_ctxv1 vit_b16_ep50_ctxv1_long"),
+    ("base2new_train.sh", ["dtd", 0], {}, "SEED must be a positive integer, got '0'"),
+    ("base2new_train.sh", ["dtd", 1], {"SHOTS": "all"}, "SHOTS must be a positive integer, got 'all'"),
+    ("base2new_test.sh", ["dtd", 1], {"LOADEP": "last"}, "LOADEP must be a positive integer, got 'last'"),
+    ("base2new_train.sh", ["dtd", 1, "OPTIM.LR"], {},
+     "arguments after the required ones are yacs options and come in KEY VALUE pairs; got 1 word(s): OPTIM.LR"),
+    ("base2new_train.sh", ["dtd"], {}, "missing arguments: expected DATASET SEED, got 1 argument(s)"),
+    ("xd_train.sh", [], {}, "missing arguments: expected SEED, got 0 argument(s)"),
+    ("fewshot.sh", ["dtd", 1], {"DATA": "/no/such/folder"}, "dataset root '/no/such/folder' does not exist"),
+])
+def test_bad_input_is_named(repo, script, args, env, message):
+    result, argv = run_script(repo, script, *args, **env)
+    assert result.returncode == 1
+    assert argv is None
+    assert f"error: {message}" in result.stderr
+
+
+def test_help_prints_the_usage(repo):
+    result, argv = run_script(repo, "xd_test.sh", "--help")
+    assert result.returncode == 0 and argv is None
+    assert "bash scripts/rada/xd_test.sh DATASET SEED [KEY VALUE ...]" in result.stdout
+
+
+# ---- the scripts and parse_results.py agree on what a finished run is --------------------------
+
+@pytest.mark.parametrize("log_text, finished", [
+    (rada_log(80.0), True),
+    (rada_log(80.0, train=False), True),
+    (dassl_log(80.0, finish_line="Finished training"), True),
+    (dassl_log(80.0, train=False, evaluate_line=False), True),
+    (rada_log(80.0, split="val", train=False), False),
+    (unfinished_log(val_accuracy=70.0), False),
+    (unfinished_log(stop_epoch=5, stop_batch=None, batches=4) + "Finish training\n", False),
+    ("", False),
+])
+def test_scripts_and_parser_agree_on_finished_runs(tmp_path, log_text, finished):
+    (tmp_path / "log.txt").write_text(log_text)
+    check = subprocess.run(["bash", "-c", 'source "$1" && run_finished "$2"', "-",
+                            str(REPO / "scripts" / "rada" / "common.sh"), str(tmp_path)],
+                           env={**os.environ, "RADA_SKIP_SETUP": "1"}, capture_output=True, text=True, timeout=60)
+    assert (check.returncode == 0) is finished, check.stderr
+    assert (parse_results.parse_log(tmp_path / "log.txt").accuracy is not None) is finished
