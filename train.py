@@ -77,13 +77,14 @@ def setup_cfg(args):
                 node, _, leaf = key.rpartition(".")
                 (cfg if not node else _node(cfg, node))[leaf] = value
         cfg.merge_from_list(args.opts or [])
-    except KeyError as error:
-        raise UserFacingError(
-            f"Unknown config key: {error.args[0] if error.args else error}. Keys are declared in Dassl's "
-            "defaults and trainers/config.py."
-        ) from None
-    except (ValueError, AssertionError) as error:
-        raise UserFacingError(f"Bad config override: {error}. Overrides are KEY VALUE pairs.") from None
+    except (KeyError, ValueError, AssertionError) as error:
+        message = str(error.args[0] if error.args else error)
+        if isinstance(error, KeyError) or "Non-existent" in message:
+            raise UserFacingError(
+                f"Unknown config key ({message}). Keys are declared in Dassl's defaults and trainers/config.py; "
+                "check the spelling."
+            ) from None
+        raise UserFacingError(f"Bad config override: {message}. Overrides are KEY VALUE pairs.") from None
     cfg.freeze()
     return cfg
 

@@ -24,3 +24,13 @@ def tiny_clip_torchscript_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_resnet_clip_path(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-rn.pt", vision="ResNet")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_root(tmp_path_factory):
+    """The demo's synthetic dataset (10 colour-shape classes) in CoOp's layout."""
+    from datasets.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root))
+    return str(root)

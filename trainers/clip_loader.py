@@ -8,8 +8,10 @@ CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.p
 decides the working dtype.
 """
 
+import contextlib
 import logging
 import os
+import socket
 import urllib.error
 import warnings
 import zipfile
@@ -23,6 +25,7 @@ from .errors import UserFacingError
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "CLIP_CACHE_DIR"
+DOWNLOAD_TIMEOUT_S = 60
 
 # Keys every CLIP state dict has, whatever the backbone.
 _REQUIRED_KEYS = ("positional_embedding", "text_projection", "token_embedding.weight", "ln_final.weight")
@@ -30,6 +33,18 @@ _REQUIRED_KEYS = ("positional_embedding", "text_projection", "token_embedding.we
 
 class CLIPLoadError(UserFacingError):
     """Weights that cannot be found, fetched or read; the message says what to do."""
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds):
+    """clip's downloader opens its connection without a timeout; a network that drops packets
+    would otherwise hang the run instead of ending in the offline message."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def default_cache_dir():
@@ -51,7 +66,8 @@ def resolve_weights(name_or_path, cache_dir=None, download=True):
         if not download and not os.path.isfile(target):
             raise CLIPLoadError(_missing_message(name_or_path, target, "downloading is disabled"))
         try:
-            return clip_api._download(clip_api._MODELS[name_or_path], cache_dir)
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                return clip_api._download(clip_api._MODELS[name_or_path], cache_dir)
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             raise CLIPLoadError(_missing_message(name_or_path, target, error)) from None
         except RuntimeError as error:  # the downloader's checksum failure

@@ -41,6 +41,9 @@ _package_logger = logging.getLogger(__name__.rpartition(".")[0])
 def _log_to_stdout():
     """Send this package's log records to stdout, which Dassl tees into log.txt, unless the
     host program (our train.py or another) has configured logging already."""
+    # Importing dassl.data runs logging.disable(logging.WARNING) (in its wilds module), which
+    # would silence every message below ERROR in the whole process.
+    logging.disable(logging.NOTSET)
     if not logging.getLogger().handlers and not _package_logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -110,7 +113,7 @@ class CLIPTrainer(TrainerX):
             params = [p for p in module.parameters() if p.requires_grad]
             optim = build_optimizer(None, cfg.OPTIM, param_groups=params)
             self.register_model(name, module, optim, build_lr_scheduler(optim, cfg.OPTIM))
-            logger.info(f"Training {name}: {sum(p.numel() for p in params):,} parameters")
+            logger.info(f"Learnable parameters in {name}: {sum(p.numel() for p in params):,}")
         self.scaler = self.precision.grad_scaler()
 
     def _check_input_size(self, clip_model):
