@@ -1,4 +1,5 @@
 import importlib.util
+import logging
 
 import pytest
 
@@ -8,6 +9,13 @@ from trainers.tiny_clip import save_tiny_clip
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 
 requires_dassl = pytest.mark.skipif(not HAS_DASSL, reason="Dassl is not installed (see README)")
+
+
+@pytest.fixture(autouse=True)
+def undo_dassls_logging_disable():
+    """Importing dassl.data calls logging.disable(logging.WARNING) for the whole process;
+    tests that read log records (caplog) must not depend on whether an earlier test imported it."""
+    logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

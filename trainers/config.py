@@ -28,4 +28,25 @@ def extend_cfg(cfg):
     cfg.TRAINER.RADA.PREC = "fp16"  # precision of CLIP in the RAda trainer (the head is fp32)
     # Hand-crafted prompt of the RAda trainer; "" picks CoOp's per-dataset zero-shot template.
     cfg.TRAINER.RADA.TEMPLATE = "a photo of a {}."
+
+    # MaPLe (and RAdaMaPLe): coupled vision-language prompts; MaPLe's own keys and defaults.
+    cfg.TRAINER.MAPLE = CN()
+    cfg.TRAINER.MAPLE.N_CTX = 2  # learned context tokens per prompted layer (text; vision coupled)
+    # The first N_CTX tokens of these words initialise the context; the rest stay fixed words of
+    # the prompt ("" for a random context).
+    cfg.TRAINER.MAPLE.CTX_INIT = "a photo of a"
+    cfg.TRAINER.MAPLE.PREC = "fp16"  # fp16, fp32 or amp
+    cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers of each encoder given prompts; 1 = the input only
+
+    # CLIPAdapter and RAdaAdapter: residual bottleneck adapters on the image and text features.
+    cfg.TRAINER.ADAPTER = CN()
+    cfg.TRAINER.ADAPTER.REDUCTION = 4  # bottleneck width = feature width // REDUCTION
+    # Residual ratio r: features become (1 - r) * f + r * A(f). None takes the trainer's own:
+    # CLIPAdapter 0.2 (CLIP-Adapter's), RAdaAdapter 0.5 (after the L2 normalisation exactly the
+    # RAda authors' f + A(f)).
+    cfg.TRAINER.ADAPTER.RATIO = None
+    # Adapt the text features too. None takes the trainer's own: CLIPAdapter False (CLIP-Adapter
+    # adapts only the image features), RAdaAdapter True (the RAda authors adapt both).
+    cfg.TRAINER.ADAPTER.TEXT = None
+    cfg.TRAINER.ADAPTER.PREC = "fp16"  # precision of CLIP; the adapters (and head) are fp32
     return cfg

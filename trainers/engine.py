@@ -60,7 +60,8 @@ def register_trainer(cls):
     if cls.__name__ in TRAINER_REGISTRY.registered_names():
         logger.info("Trainer %s is already registered by the host program; keeping that one", cls.__name__)
         return cls
-    return TRAINER_REGISTRY.register(cls)
+    TRAINER_REGISTRY.register(cls)  # Dassl's register() returns None when given the class
+    return cls
 
 
 class CLIPTrainer(TrainerX):

@@ -51,3 +51,18 @@ def save_tiny_clip(path, vision="ViT", seed=0, torchscript=False):
     else:
         torch.save(model.state_dict(), str(path))
     return path
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random CLIP checkpoint (for demos and tests).")
+    parser.add_argument("path", help="file to write (a plain state dict)")
+    parser.add_argument("--vision", choices=["ViT", "ResNet"], default="ViT")
+    args = parser.parse_args(argv)
+    save_tiny_clip(args.path, vision=args.vision)
+    print(f"Wrote a tiny random CLIP ({args.vision}) to {args.path}")
+
+
+if __name__ == "__main__":
+    main()

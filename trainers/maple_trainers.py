@@ -1,0 +1,39 @@
+"""MaPLe trainers: coupled vision-language prompts, alone and with the RAda head."""
+
+from .engine import CLIPTrainer, register_trainer
+from .maple import MaPLeClassifier, MaPLePromptLearner
+from .rada import RAdaMixin
+
+
+def maple_prompt_learner(cfg, clip_model, classnames):
+    maple = cfg.TRAINER.MAPLE
+    return MaPLePromptLearner(
+        clip_model, classnames, n_ctx=maple.N_CTX, ctx_init=maple.CTX_INIT, depth=maple.PROMPT_DEPTH
+    )
+
+
+@register_trainer
+class MaPLe(CLIPTrainer):
+    """Multi-modal prompt learning: deep text prompts and vision prompts coupled to them."""
+
+    PREC_NODE = "MAPLE"
+
+    def build_classifier(self, clip_model, classnames):
+        return MaPLeClassifier(clip_model, maple_prompt_learner(self.cfg, clip_model, classnames))
+
+    def trainable_modules(self):
+        return {"prompt_learner": self.model.prompts}
+
+
+@register_trainer
+class RAdaMaPLe(RAdaMixin, CLIPTrainer):
+    """MaPLe's prompts and the RAda head, trained together; configured like MaPLe."""
+
+    PREC_NODE = "MAPLE"
+
+    def build_classifier(self, clip_model, classnames):
+        prompts = maple_prompt_learner(self.cfg, clip_model, classnames)
+        return MaPLeClassifier(clip_model, prompts, head=self.build_head())
+
+    def trainable_modules(self):
+        return {"prompt_learner": self.model.prompts, "rada_head": self.model.head}
