@@ -10,8 +10,8 @@ Put this repository on PYTHONPATH and add two lines to the host's train.py:
 
 Then `python train.py --trainer RAdaCoOp ...` runs with the host's datasets and scripts.
 The host has its own `trainers` package, so ours is loaded under the name `rada_trainers`
-(its modules import each other relatively); trainer names the host already registered
-(CoOp, MaPLe, ZeroshotCLIP, ...) keep the host's implementation.
+(its modules import each other relatively); trainer names and config keys the host already
+registered (CoOp, MaPLe, ZeroshotCLIP, TRAINER.COOP.*, ...) keep the host's definitions.
 """
 
 import importlib
@@ -35,4 +35,19 @@ def _load_trainers_package():
     return importlib.import_module(f"{PACKAGE_ALIAS}.config")
 
 
-extend_cfg = _load_trainers_package().extend_cfg
+_config = _load_trainers_package()
+
+
+def extend_cfg(cfg):
+    """Add the keys our trainers read; keys the host already declares keep the host's values."""
+    ours = cfg.clone()
+    _config.extend_cfg(ours)
+    _add_missing(cfg, ours)
+
+
+def _add_missing(host, ours):
+    for key, value in ours.items():
+        if key not in host:
+            host[key] = value
+        elif isinstance(value, dict) and isinstance(host[key], dict):
+            _add_missing(host[key], value)
