@@ -2,6 +2,7 @@ import importlib.util
 import logging
 
 import pytest
+import torch
 
 from tests.image_trees import write_class_folders, write_images  # noqa: F401  (re-exported for tests)
 from trainers.tiny_clip import save_tiny_clip
@@ -27,6 +28,20 @@ def tiny_clip_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip_torchscript_path(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-vit-jit.pt", torchscript=True)
+
+
+@pytest.fixture
+def clip_model(tiny_clip_path):
+    """The tiny ViT CLIP loaded through the project's loader, in float32."""
+    from trainers.clip_loader import load_clip
+
+    return load_clip(str(tiny_clip_path)).float()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return torch.randn(3, 3, 224, 224)
 
 
 @pytest.fixture(scope="session")

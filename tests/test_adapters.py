@@ -18,17 +18,6 @@ CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 TEMPLATE = "a photo of a {}."
 
 
-@pytest.fixture
-def clip_model(tiny_clip_path):
-    return load_clip(str(tiny_clip_path)).float()
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(0)
-    return torch.randn(3, 3, 224, 224)
-
-
 def randomised(module, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():

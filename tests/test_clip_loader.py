@@ -1,4 +1,3 @@
-import os
 import urllib.error
 import urllib.request
 

@@ -3,24 +3,12 @@ import torch
 from clip import clip as clip_api
 from torch.nn import functional as F
 
-from trainers.clip_loader import load_clip
 from trainers.model import CLIPClassifier
 from trainers.prompts import CoOpPromptLearner, FixedPrompts, fill_template
 from trainers.rada_head import RAdaHead
 from trainers.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
-
-
-@pytest.fixture
-def clip_model(tiny_clip_path):
-    return load_clip(str(tiny_clip_path)).float()
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(0)
-    return torch.randn(3, 3, 224, 224)
 
 
 def test_zero_shot_logits_are_clips_own(clip_model, images):

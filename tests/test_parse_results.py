@@ -182,7 +182,7 @@ def test_missing_unfinished_and_fallback_runs_are_reported(tmp_path):
     command = f"OUTPUT={tmp_path} TRAINER={TRAINER} CFG={CFG} SHOTS=16 bash scripts/rada/"
     assert f"test_new dtd seed 3: run {command}base2new_test.sh dtd 3" in out
     assert f"train_base eurosat seed 2: run {command}base2new_train.sh eurosat 2" in out
-    assert f"test_new eurosat seed 1: run" not in out  # present (without log), reported as unfinished instead
+    assert "test_new eurosat seed 1: run" not in out  # present (without log), reported as unfinished instead
     assert "Missing runs: 5" in out  # dtd new 3, eurosat base 2 3, eurosat new 2 3
     assert "one-decimal `* accuracy:` line" in out
     assert str(tmp_path / "base2new/train_base/eurosat/shots_16" / TRAINER / CFG / "seed1") in out
