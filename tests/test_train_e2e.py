@@ -106,3 +106,12 @@ def test_bad_input_ends_in_a_clear_message(synthetic_data_root, tiny_clip_path, 
     expect_error(command + ["TRAINER.RADA.TYPO", "1"], "Unknown config key")
     no_run = run.evaluate(model_dir=str(tmp_path / "no-run"))
     assert no_run.returncode == 2 and "--model-dir must be" in no_run.output and "Traceback" not in no_run.output
+
+
+def test_resnet_backbone_trains_and_evaluates(synthetic_data_root, tiny_resnet_clip_path, tmp_path):
+    """Widths come from the loaded model: a ResNet CLIP goes through the same trainers."""
+    run = TrainRun("RAdaCoOp", "rn50_ep50", synthetic_data_root, tiny_resnet_clip_path, tmp_path)
+    trained = run.train()
+    assert_clean(trained)
+    assert "ResNet image encoder" in trained.log
+    assert_clean(run.evaluate())

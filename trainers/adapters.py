@@ -14,6 +14,8 @@ ever receives a non-zero gradient. The default init is therefore kept for every 
 import torch
 from torch import nn
 
+from .precision import autocast_enabled
+
 
 class Bottleneck(nn.Module):
     """relu(W_up relu(W_down x))."""
@@ -54,7 +56,7 @@ class FeatureAdapter(nn.Module):
 
     def forward(self, image_features, text_features):
         dtype = self.adapter_image.fc[0].weight.dtype
-        if not torch.is_autocast_enabled(image_features.device.type):
+        if not autocast_enabled(image_features.device.type):
             image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         image_features = self._blend(self.adapter_image, image_features)
         if self.adapter_text is not None:

@@ -50,4 +50,15 @@ class Precision:
         return contextlib.nullcontext()
 
     def grad_scaler(self):
-        return torch.amp.GradScaler(self.device.type, enabled=self.mode == "amp")
+        enabled = self.mode == "amp"
+        if hasattr(torch.amp, "GradScaler"):
+            return torch.amp.GradScaler(self.device.type, enabled=enabled)
+        return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+def autocast_enabled(device_type):
+    """Whether autocast is on for this device type, on every torch since 2.1."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument and has a separate CPU query
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()

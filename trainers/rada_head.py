@@ -25,6 +25,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .precision import autocast_enabled
+
 # Score elements (B * H * rows * K) per block; bounds the scratch memory of one block.
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
 
@@ -168,7 +170,7 @@ class RAdaHead(nn.Module):
                 f"RAdaHead was built for width {self.embed_dim}, got features of width "
                 f"{image_features.shape[1]} (image) and {text_features.shape[1]} (text)"
             )
-        if not torch.is_autocast_enabled(image_features.device.type):
+        if not autocast_enabled(image_features.device.type):
             image_features = image_features.to(self.q_proj1.weight.dtype)
             text_features = text_features.to(self.q_proj1.weight.dtype)
         if not torch.is_tensor(logit_scale):
