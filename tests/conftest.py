@@ -12,6 +12,19 @@ HAS_DASSL = importlib.util.find_spec("dassl") is not None
 requires_dassl = pytest.mark.skipif(not HAS_DASSL, reason="Dassl is not installed (see README)")
 
 
+def _cpu_runs_half_precision():
+    try:
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.half), torch.zeros(1, 1, 1, 1, dtype=torch.half))
+        with torch.autocast("cpu", dtype=torch.float16):
+            pass
+        return True
+    except RuntimeError:  # torch < 2.2: no fp16 convolution and no fp16 autocast on the CPU
+        return False
+
+
+requires_cpu_half = pytest.mark.skipif(not _cpu_runs_half_precision(), reason="this torch has no fp16 CPU kernels")
+
+
 @pytest.fixture(autouse=True)
 def undo_dassls_logging_disable():
     """Importing dassl.data calls logging.disable(logging.WARNING) for the whole process;

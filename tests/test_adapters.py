@@ -5,7 +5,7 @@ import torch
 from clip.model import convert_weights
 from torch.nn import functional as F
 
-from tests.conftest import requires_dassl
+from tests.conftest import requires_cpu_half, requires_dassl
 from trainers.adapters import Bottleneck, FeatureAdapter
 from trainers.checkpoint import load_weights
 from trainers.clip_loader import load_clip
@@ -64,7 +64,7 @@ def test_image_only_adapter_and_half_precision_features():
     assert not torch.allclose(adapted_image, image.float(), atol=1e-3)
 
 
-@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("half", [False, pytest.param(True, marks=requires_cpu_half)])
 def test_zeroed_adapters_with_the_head_equal_the_rada_classifier_exactly(tiny_clip_path, images, half):
     clip_model = load_clip(str(tiny_clip_path))
     if not half:

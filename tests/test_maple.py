@@ -6,7 +6,7 @@ from clip import clip as clip_api
 from clip.model import CLIP, convert_weights
 from torch.nn import functional as F
 
-from tests.conftest import requires_dassl
+from tests.conftest import requires_cpu_half, requires_dassl
 from trainers.checkpoint import load_weights
 from trainers.clip_loader import load_clip
 from trainers.errors import UserFacingError
@@ -187,6 +187,7 @@ def test_clip_itself_is_unchanged_outside_prompted_calls(clip_model, images):
         assert torch.equal(clip_model.encode_text(tokens), text_before)
 
 
+@requires_cpu_half
 def test_half_precision_clip_with_float32_prompts(images):
     clip_model = deep_clip()
     convert_weights(clip_model)

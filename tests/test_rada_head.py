@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from tests.conftest import requires_cpu_half
 from tests.dense_rada import dense_reference
 from trainers.rada_head import RAdaHead
 
@@ -138,7 +139,7 @@ def test_dense_reference_saves_quadratic_tensors():
     assert max(saved) >= batch * 4 * classes * classes
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=requires_cpu_half)])
 def test_runs_under_cpu_autocast(dtype):
     head = random_head(32, 8, 1.0, dtype=torch.float32, block_elements=200)
     image = normalized(4, 32, dtype=torch.float32).requires_grad_()
