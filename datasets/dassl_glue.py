@@ -38,6 +38,11 @@ class CoOpLayoutDataset(DatasetBase):
         test = train_x if loaded.test is loaded.train_x else _to_datums(loaded.test)
         val = test if loaded.val is loaded.test else _to_datums(loaded.val)
         super().__init__(train_x=train_x, val=val or None, test=test)
+        # Read by the trainers (duck-typed, so other hosts' datasets simply lack them): the classes
+        # of ImageNet a test set covers (datasets.records.ImageNetSubset) and the pixels to cut
+        # from every side of a test image before its transform (ObjectNet's frame).
+        self.imagenet_subset = loaded.imagenet_subset
+        self.test_border = spec.border
 
 
 @DATASET_REGISTRY.register()
@@ -116,7 +121,15 @@ class ImageNetR(CoOpLayoutDataset):
 
 
 @DATASET_REGISTRY.register()
+class ObjectNet(CoOpLayoutDataset):
+    """The 113 ObjectNet classes shared with ImageNet, read from the release's own layout."""
+
+    dataset_dir = SPECS["ObjectNet"].folder
+
+
+@DATASET_REGISTRY.register()
 class SyntheticShapes(CoOpLayoutDataset):
     """The offline demo dataset written by `python -m datasets.synthetic`."""
 
     dataset_dir = SPECS["SyntheticShapes"].folder
+

@@ -277,6 +277,16 @@ TASKS = {
         ),
         *_classnames_tasks("imagenet-rendition"),
     ),
+    "ObjectNet": (
+        # The archive is password-protected (the password is published with the download), which
+        # shutil cannot unpack, so it is fetched and unzipped by hand.
+        Task("objectnet/objectnet-1.0", manual=(
+            "download https://objectnet.dev/downloads/objectnet-1.0.zip and unzip it (with the password given "
+            "on objectnet.dev) inside objectnet/, giving objectnet/objectnet-1.0/images/ and "
+            "objectnet/objectnet-1.0/mappings/."
+        )),
+        *_classnames_tasks("objectnet"),
+    ),
     "SyntheticShapes": (
         Task("synthetic_shapes/images", (Generate(),)),
         Task("synthetic_shapes/split_zhou_SyntheticShapes.json", (Generate(),)),

@@ -117,3 +117,63 @@ def read_indexed_folders(image_dir, classnames, classnames_path):
         classname = classnames[folder]
         records.extend(Record(os.path.join(class_dir, name), label, 0, classname) for name in list_images(class_dir))
     return records
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetFormatError(f"{path} is not valid JSON ({error}); restore it from objectnet-1.0.zip.") from None
+
+
+def read_objectnet(image_dir, mappings_dir):
+    """(records, members): the images of the ObjectNet classes shared with ImageNet, and for each
+    such class the ImageNet labels it covers.
+
+    The release's mapping files chain as: image folder -> ObjectNet class name
+    (folder_to_objectnet_label.json) -> names of its ImageNet classes, '; '-separated
+    (objectnet_to_imagenet_1k.json) -> line numbers of those names in imagenet_to_label_2012_v2
+    (ImageNet 2012 ids) -> ImageNet labels in the usual sorted-folder order, whose 2012 ids
+    pytorch_to_imagenet_2012_id.json gives. Classes are the mapped folders in sorted order,
+    labelled 0..n-1 and named by their ObjectNet class name in lower case, as in WiSE-FT; folders
+    of the other ObjectNet classes are skipped.
+    """
+    folder_to_class = _read_json(os.path.join(mappings_dir, "folder_to_objectnet_label.json"))
+    class_to_imagenet = _read_json(os.path.join(mappings_dir, "objectnet_to_imagenet_1k.json"))
+    label_to_2012 = _read_json(os.path.join(mappings_dir, "pytorch_to_imagenet_2012_id.json"))
+    names_path = os.path.join(mappings_dir, "imagenet_to_label_2012_v2")
+    lines_of = {}
+    for line_number, name in enumerate(read_lines(names_path)):
+        lines_of.setdefault(name, []).append(line_number)
+    label_of_2012 = {int(id_2012): int(label) for label, id_2012 in label_to_2012.items()}
+
+    def imagenet_labels(objectnet_class):
+        labels = []
+        for name in class_to_imagenet[objectnet_class].split("; "):
+            lines = lines_of.get(name.strip(), [])
+            if len(lines) != 1:
+                problem = "is not a line of" if not lines else "is on several lines of"
+                raise DatasetFormatError(f"ImageNet class {name!r} of ObjectNet class {objectnet_class!r} {problem} {names_path}.")
+            if lines[0] not in label_of_2012:
+                raise DatasetFormatError(f"ImageNet 2012 id {lines[0]} ({name!r}) has no label in pytorch_to_imagenet_2012_id.json.")
+            labels.append(label_of_2012[lines[0]])
+        return sorted(labels)
+
+    mapped = sorted(folder for folder, name in folder_to_class.items() if name in class_to_imagenet)
+    unmatched = sorted(set(class_to_imagenet) - {folder_to_class[folder] for folder in mapped})
+    if unmatched:
+        raise DatasetFormatError(
+            f"ObjectNet classes {', '.join(map(repr, unmatched))} of objectnet_to_imagenet_1k.json have no folder in "
+            "folder_to_objectnet_label.json; the mapping files come from different releases."
+        )
+    records, members = [], []
+    for label, folder in enumerate(mapped):
+        class_dir = os.path.join(image_dir, folder)
+        if not os.path.isdir(class_dir):
+            raise DatasetLayoutError(f"{class_dir} does not exist: {image_dir} lacks the folder of ObjectNet class "
+                                     f"{folder_to_class[folder]!r}. Unzip objectnet-1.0.zip again.", class_dir)
+        classname = folder_to_class[folder].lower()
+        records.extend(Record(os.path.join(class_dir, name), label, 0, classname) for name in list_images(class_dir))
+        members.append(tuple(imagenet_labels(folder_to_class[folder])))
+    return records, tuple(members)

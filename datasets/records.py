@@ -17,17 +17,30 @@ class Record(NamedTuple):
     classname: str = ""
 
 
+@dataclass(frozen=True)
+class ImageNetSubset:
+    """Where the classes of a test set that covers only some of ImageNet's classes sit among them
+    (ImageNet-A, -R, ObjectNet): `imagenet_classnames` names all ImageNet classes in label order,
+    `members[i]` holds the ImageNet labels of class i (one each for ImageNet-A/-R; ObjectNet
+    classes may merge several, e.g. 'alarm clock' = analog clock + digital clock)."""
+
+    imagenet_classnames: tuple
+    members: tuple
+
+
 @dataclass
 class LoadedDataset:
     """The splits a Dassl `DatasetBase` receives; val is empty for test-only datasets.
 
     Class names come from train_x only, as in Dassl, which is why test-only datasets pass
-    their test list as train_x.
+    their test list as train_x. `imagenet_subset` is set for test sets whose classes are a
+    subset of ImageNet's.
     """
 
     train_x: list
     val: list
     test: list
+    imagenet_subset: ImageNetSubset = None
     lab2cname: dict = field(init=False)
 
     def __post_init__(self):

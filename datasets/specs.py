@@ -15,8 +15,10 @@ FGVC_LISTS = "fgvc_lists"  # FGVC-Aircraft's own variants.txt + images_variant_<
 IMAGENET = "imagenet"  # class folders + classnames.txt, cached in preprocessed.pkl
 VARIANT_BY_INDEX = "variant_by_index"  # test-only; folder <i> holds ImageNet class i (ImageNetV2)
 VARIANT_BY_FOLDER = "variant_by_folder"  # test-only; sorted n* folders relabelled 0..n-1
+OBJECTNET = "objectnet"  # test-only; the ObjectNet release with its mapping files to ImageNet
 
 FEWSHOT_FOLDER = "split_fewshot"  # CoOp's few-shot caches, inside each dataset folder
+OBJECTNET_MAPPINGS = "objectnet-1.0/mappings"  # the release's files relating its classes to ImageNet's
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class DatasetSpec:
     entries: tuple  # in the order a user creates them; the first missing one is reported
     expected_sizes: tuple  # ((split, number of images), ...) as published, for reports
     num_classes: int
+    border: int = 0  # pixels to cut from every side of a test image before its transform
+
 
     @property
     def split_file(self):
@@ -45,7 +49,7 @@ class DatasetSpec:
 
     @property
     def test_only(self):
-        return self.kind in (VARIANT_BY_INDEX, VARIANT_BY_FOLDER)
+        return self.kind in (VARIANT_BY_INDEX, VARIANT_BY_FOLDER, OBJECTNET)
 
     def dataset_dir(self, root):
         return os.path.join(os.path.abspath(os.path.expanduser(root)), self.folder)
@@ -180,6 +184,26 @@ _SPECS = (
     _variant_spec(
         "ImageNetR", "imagenet_r", "imagenet-rendition", "imagenet-r",
         VARIANT_BY_FOLDER, 30000, 200, "200 class folders n01443537/ ...",
+    ),
+    DatasetSpec(
+        name="ObjectNet",
+        stem="objectnet",
+        folder="objectnet",
+        kind=OBJECTNET,
+        image_dir="objectnet-1.0/images",
+        entries=(
+            Entry("objectnet-1.0/images/", "313 class folders (air_freshener/ ...) from objectnet-1.0.zip"),
+            Entry(f"{OBJECTNET_MAPPINGS}/folder_to_objectnet_label.json", "folder -> ObjectNet class name"),
+            Entry(f"{OBJECTNET_MAPPINGS}/objectnet_to_imagenet_1k.json",
+                  "ObjectNet class -> its ImageNet classes, '; '-separated (113 classes)"),
+            Entry(f"{OBJECTNET_MAPPINGS}/pytorch_to_imagenet_2012_id.json", "ImageNet label -> line of the next file"),
+            Entry(f"{OBJECTNET_MAPPINGS}/imagenet_to_label_2012_v2", "ImageNet class names, one a line"),
+            Entry("classnames.txt", "a copy of imagenet/classnames.txt"),
+        ),
+        # The 113 classes shared with ImageNet, as the robustness literature evaluates ObjectNet.
+        expected_sizes=(("test", 18574),),
+        num_classes=113,
+        border=2,  # the release frames every image in red; WiSE-FT and FLYP cut 2 pixels per side
     ),
     _split_file_spec(
         "SyntheticShapes", "synthetic_shapes", "synthetic_shapes", "images", (200, 80, 200), 10,

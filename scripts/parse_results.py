@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Tables of the protocol runs written by scripts/rada/*.sh, beside the published numbers.
 
-    python scripts/parse_results.py OUTPUT_DIR [--protocol base2new|fewshot|xd] [--seeds 1 2 3]
+    python scripts/parse_results.py OUTPUT_DIR [--protocol base2new|fewshot|xd|dg|ttt] [--seeds 1 2 3]
                                     [--ci95] [--csv PATH]
 
 OUTPUT_DIR is the output root of the scripts (default there: ./output) or one protocol folder in it.
 Runs are grouped by (protocol, trainer, config, shots). Per dataset the table shows the mean and the
 spread over seeds (population std, np.std, as in CoOp's parse_test_res.py, or the 95% confidence half-width
 1.96 * std / sqrt(n) with --ci95): base / new / HM for base-to-new (base from train_base, new from
-test_new, HM = 2BN / (B + N) of the seed means), accuracy for few-shot and cross-dataset runs.
+test_new, HM = 2BN / (B + N) of the seed means), accuracy for few-shot and cross-dataset runs, and
+for the full fine-tuning protocol (dg) the ImageNet accuracy, each of the five shifts and their mean.
+Test-time training runs (ttt) show the test-time trained accuracy per target, grouped by where they
+start: shots_0 from the identity head, shots_K from a model trained on K shots (scripts/rada/ttt.sh).
 Base-to-new tables also show the published numbers of scripts/baselines/base2new_vit_b16.csv.
 Missing seeds, unfinished runs and logs that contradict their folder are listed under each table.
 The exit status is 1 when no finished run was found.
@@ -45,31 +48,46 @@ BENCHMARK = (
 )
 XD_TARGETS = BENCHMARK[1:]
 DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# The distribution shifts of the full fine-tuning protocol, in the order of FLYP's ImageNet table.
+FFT_TARGETS = ("imagenetv2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet")
+# ViT-B/16 fine-tuned on ImageNet: (method, ImageNet, mean of the five shifts, source).
+FFT_PUBLISHED = (
+    ("RAda-FT", 81.4, 61.3, "RAda paper"),
+    ("FLYP", 82.6, 60.2, "FLYP paper; 59.5 shifts in the RAda paper's re-run"),
+)
+ALL_SHOTS = -1  # shots_all: every training image (DATASET.NUM_SHOTS -1)
 DISPLAY_NAMES = {
     "imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
     "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
     "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
     "ucf101": "UCF101", "imagenetv2": "ImageNetV2", "imagenet_sketch": "ImageNet-Sketch",
-    "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
+    "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R", "objectnet": "ObjectNet",
 }
 
 # Folder layout written by scripts/rada/*.sh:
-#   <root>/<part folder>/<dataset>/shots_<K>/<trainer>/<cfg>/seed<S>/log.txt
+#   <root>/<part folder>/<dataset>/shots_<K or all>/<trainer>/<cfg>/seed<S>/log.txt
 PROTOCOL_PARTS = {
     "base2new": ("train_base", "test_new"),
     "fewshot": ("fewshot",),
     "xd": ("xd_train", "xd_test"),
+    "dg": ("dg_train", "dg_test"),
+    "ttt": ("ttt",),
 }
+# Parts whose single run trains on ImageNet for a protocol's targets (their script takes only SEED).
+SOURCE_PARTS = ("xd_train", "dg_train")
 PART_FOLDERS = {
     "train_base": "base2new/train_base", "test_new": "base2new/test_new", "fewshot": "fewshot",
-    "xd_train": "xd/train", "xd_test": "xd/test",
+    "xd_train": "xd/train", "xd_test": "xd/test", "dg_train": "dg/train", "dg_test": "dg/test",
+    "ttt": "ttt",
 }
 PART_SCRIPTS = {
     "train_base": "base2new_train.sh", "test_new": "base2new_test.sh", "fewshot": "fewshot.sh",
-    "xd_train": "xd_train.sh", "xd_test": "xd_test.sh",
+    "xd_train": "xd_train.sh", "xd_test": "xd_test.sh", "dg_train": "dg_train.sh", "dg_test": "dg_test.sh",
+    "ttt": "ttt.sh",
 }
 # What DATASET.SUBSAMPLE_CLASSES the `* result:` line of each part must report.
-PART_SUBSAMPLE = {"train_base": "base", "test_new": "new", "fewshot": "all", "xd_train": "all", "xd_test": "all"}
+PART_SUBSAMPLE = {"train_base": "base", "test_new": "new", "fewshot": "all", "xd_train": "all", "xd_test": "all",
+                  "dg_train": "all", "dg_test": "all", "ttt": "all"}
 
 RESULT_PREFIX = "* result:"
 RESULT_FIELD = re.compile(r"(\w+)=(\S+)")
@@ -148,7 +166,7 @@ def _accuracy_of(fields):
 class Run:
     part: str
     dataset: str
-    shots: int
+    shots: int  # ALL_SHOTS for shots_all
     trainer: str
     cfg: str
     seed: int
@@ -181,14 +199,15 @@ def discover_runs(root, protocols):
                 if not seed_dir.is_dir():
                     continue
                 dataset, shots_name, trainer, cfg = seed_dir.parts[-5:-1]
-                shots = re.fullmatch(r"shots_(\d+)", shots_name)
+                shots = re.fullmatch(r"shots_(\d+|all)", shots_name)
                 seed = re.fullmatch(r"seed(\d+)", seed_dir.name)
                 if not (shots and seed):
                     odd_folders.append(seed_dir)
                     continue
                 log_path = seed_dir / "log.txt"
                 log = parse_log(log_path) if log_path.is_file() else None
-                runs.append(Run(part, dataset, int(shots.group(1)), trainer, cfg, int(seed.group(1)), seed_dir, log))
+                shots = ALL_SHOTS if shots.group(1) == "all" else int(shots.group(1))
+                runs.append(Run(part, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, log))
     return runs, odd_folders
 
 
@@ -300,20 +319,25 @@ def base2new_rows(accuracies, published, ci95):
 
 
 def accuracy_rows(accuracies, protocol, ci95):
-    """Few-shot and cross-dataset tables: one accuracy column; averages as in the papers."""
+    """Few-shot, cross-dataset and full fine-tuning tables: one accuracy column; averages as in the papers."""
     rows_by_dataset = {}
-    if protocol == "xd":
-        source = summarise(list(accuracies.get(("xd_train", "imagenet"), {}).values()), ci95)
+    parts = PROTOCOL_PARTS[protocol]
+    source_part, test_part = parts if protocol in ("xd", "dg") else (None, parts[0])
+    if source_part:
+        source = summarise(list(accuracies.get((source_part, "imagenet"), {}).values()), ci95)
         if source:
-            rows_by_dataset["source"] = Row("ImageNet (source, from the training run)", {"acc": source}, str(source.n))
-    test_part = "xd_test" if protocol == "xd" else "fewshot"
-    for dataset in _ordered({d for part, d in accuracies if part == test_part}):
+            role = "source" if protocol == "xd" else "in distribution"
+            rows_by_dataset["source"] = Row(f"ImageNet ({role}, from the training run)", {"acc": source}, str(source.n))
+    order = FFT_TARGETS if protocol == "dg" else BENCHMARK + DG_TARGETS
+    for dataset in _ordered({d for part, d in accuracies if part == test_part}, order):
         stat = summarise(list(accuracies[(test_part, dataset)].values()), ci95)
         rows_by_dataset[dataset] = Row(DISPLAY_NAMES.get(dataset, dataset), {"acc": stat}, str(stat.n if stat else 0))
     rows = list(rows_by_dataset.values())
-    if protocol == "xd":
+    if protocol in ("xd", "ttt"):
         averages = [("Cross-dataset average (10 targets)", "Cross-dataset average of the targets present", XD_TARGETS),
                     ("Domain generalisation average (4 targets)", "Domain generalisation average of the targets present", DG_TARGETS)]
+    elif protocol == "dg":
+        averages = [("Mean of the 5 shifts", "Mean of the shifts present", FFT_TARGETS)]
     else:
         averages = [("Average (11 datasets)", "Average of the datasets present", BENCHMARK)]
     for label_all, label_some, wanted in averages:
@@ -323,9 +347,8 @@ def accuracy_rows(accuracies, protocol, ci95):
     return rows
 
 
-def _ordered(datasets):
-    """Benchmark order first (as in the papers' tables), then any other dataset alphabetically."""
-    order = BENCHMARK + DG_TARGETS
+def _ordered(datasets, order=BENCHMARK + DG_TARGETS):
+    """The papers' order first (the benchmark's, by default), then any other dataset alphabetically."""
     return sorted(datasets, key=lambda d: (order.index(d) if d in order else len(order), d))
 
 
@@ -356,10 +379,18 @@ def render_table(protocol, rows, ci95):
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+def shots_text(shots):
+    """The value of SHOTS (and of the shots_<K> folder name) for a shots number."""
+    return "all" if shots == ALL_SHOTS else str(shots)
+
+
 def rerun_command(run_root, part, dataset, seed, trainer, cfg, shots):
     """The script call that creates a missing run."""
-    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg} SHOTS={shots}"
-    args = [str(seed)] if part == "xd_train" else [dataset, str(seed)]
+    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg} SHOTS={shots_text(shots)}"
+    if part == "ttt":  # shots_0: from the identity head; shots_K: from the K-shot ImageNet model of xd_train.sh
+        env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg}"
+        env += f" PRETRAINED=1 SHOTS={shots}" if shots else ""
+    args = [str(seed)] if part in SOURCE_PARTS else [dataset, str(seed)]
     return f"{env} bash scripts/rada/{PART_SCRIPTS[part]} {' '.join(args)}"
 
 
@@ -399,16 +430,18 @@ def summarise_group(key, runs, root, seeds, published, ci95):
             if run.log.from_dassl_line:
                 report.fallback.append(run.path)
 
-    # A dataset started in any part is expected in every part, for every seed (xd: one ImageNet training).
-    targets = {dataset for part, dataset in present if part != "xd_train"}
+    # A dataset started in any part is expected in every part, for every seed (xd, dg: one ImageNet training).
+    targets = {dataset for part, dataset in present if part not in SOURCE_PARTS}
     expected = [(part, dataset) for part in PROTOCOL_PARTS[protocol]
-                for dataset in (["imagenet"] if part == "xd_train" else _ordered(targets))]
+                for dataset in (["imagenet"] if part in SOURCE_PARTS else _ordered(targets))]
     for part, dataset in expected:
         for seed in sorted(set(seeds) - present[(part, dataset)]):
             report.missing.append(f"{part} {dataset} seed {seed}: run "
                                   + rerun_command(root, part, dataset, seed, trainer, cfg, shots))
 
-    wanted = XD_TARGETS + DG_TARGETS if protocol == "xd" else BENCHMARK
+    wanted = {"xd": XD_TARGETS + DG_TARGETS, "dg": FFT_TARGETS}.get(protocol, BENCHMARK)
+    if protocol == "ttt":  # a ttt config serves one family of targets: ImageNet's variants or the other datasets
+        wanted = tuple(d for family in (DG_TARGETS, XD_TARGETS) if targets & set(family) for d in family)
     report.not_run = [d for d in wanted if d not in targets]
     if protocol == "base2new":
         report.rows = base2new_rows(accuracies, published, ci95)
@@ -419,7 +452,10 @@ def summarise_group(key, runs, root, seeds, published, ci95):
 
 def print_group(key, report, seeds, ci95):
     protocol, trainer, cfg, shots = key
-    print(f"== {protocol} | trainer {trainer} | config {cfg} | {shots} shots | seeds {' '.join(map(str, seeds))} ==")
+    amount = "all training images" if shots == ALL_SHOTS else f"{shots} shots"
+    if protocol == "ttt":
+        amount = f"from a model trained on {amount}" if shots else "from the identity head"
+    print(f"== {protocol} | trainer {trainer} | config {cfg} | {amount} | seeds {' '.join(map(str, seeds))} ==")
     if report.finished:
         print(render_table(protocol, report.rows, ci95))
     else:
@@ -451,6 +487,14 @@ def print_published_averages(published):
     print()
 
 
+def print_published_fft():
+    rows = [[method, f"{imagenet:.1f}", f"{shifts:.1f}", source] for method, imagenet, shifts, source in FFT_PUBLISHED]
+    print("== published full fine-tuning on ImageNet (ViT-B/16) ==")
+    print(tabulate(rows, headers=["method", "ImageNet", "mean of the 5 shifts", "source"], tablefmt="github",
+                   disable_numparse=True))
+    print()
+
+
 def write_csv(path, summaries, ci95):
     spread = "ci95" if ci95 else "std"
     columns = ["protocol", "trainer", "cfg", "shots", "dataset",
@@ -462,7 +506,8 @@ def write_csv(path, summaries, ci95):
             writer.writeheader()
             for (protocol, trainer, cfg, shots), report in summaries:
                 for row in report.rows:
-                    record = {"protocol": protocol, "trainer": trainer, "cfg": cfg, "shots": shots, "dataset": row.label}
+                    record = {"protocol": protocol, "trainer": trainer, "cfg": cfg, "shots": shots_text(shots),
+                              "dataset": row.label}
                     for column, value in row.values.items():
                         if isinstance(value, Stat):
                             record.update({f"{column}_mean": round(value.mean, 4),
@@ -517,6 +562,8 @@ def main(argv=None):
         print(f"Folders not named shots_<K>/.../seed<S> (not read): {' '.join(map(str, odd_folders))}")
     if any(key[0] == "base2new" and report.finished for key, report in summaries):
         print_published_averages(published)
+    if any(key[0] == "dg" and report.finished for key, report in summaries):
+        print_published_fft()
 
     if not any(report.finished for _, report in summaries):
         if runs:

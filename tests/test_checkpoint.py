@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.checkpoint import find_checkpoint, latest_checkpoint, load_weights, read_checkpoint, write_checkpoint
+from trainers.checkpoint import (
+    find_checkpoint,
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint,
+    write_checkpoint,
+)
 from trainers.errors import CheckpointError
 from trainers.rada_head import RAdaHead
 

@@ -13,7 +13,14 @@ import types
 
 import pytest
 
-from datasets import DatasetConfigError, DatasetFormatError, DatasetLayoutError, fewshot_cache_path, get_spec, load_dataset
+from datasets import (
+    DatasetConfigError,
+    DatasetFormatError,
+    DatasetLayoutError,
+    fewshot_cache_path,
+    get_spec,
+    load_dataset,
+)
 from datasets.cache import read_datum_pickle, write_datum_pickle
 from datasets.records import Record
 from datasets.specs import FGVC_LISTS, SPLIT_FILE

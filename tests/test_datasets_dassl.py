@@ -20,7 +20,7 @@ def dassl():
     import yacs.config
     from dassl.config import get_cfg_default
     from dassl.data import DataManager
-    from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase, build_dataset
+    from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum, build_dataset
 
     import datasets.dassl_glue  # noqa: F401  (registers the datasets)
 

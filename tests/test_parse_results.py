@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_logs import CFG, TRAINER, dassl_log, load_parse_results, rada_log, unfinished_log, write_run
+from tests.run_logs import (
+    CFG,
+    TRAINER,
+    dassl_log,
+    load_parse_results,
+    rada_log,
+    unfinished_log,
+    write_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "parse_results.py"

@@ -4,15 +4,13 @@ Each test copies the scripts into a fake repository (configs written here, no tr
 the tests do not depend on which configs the rest of the project ships.
 """
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.fake_repo import REPO, finish, make_fake_repo, run_script, train_py
 from tests.run_logs import dassl_log, load_parse_results, rada_log, unfinished_log
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("caltech101", "dtd", "imagenet", "imagenet_a")
 TRAINER_CONFIGS = {
     "RAdaCoOp": ("vit_b16_ep50_ctxv1", "vit_b16_ep50_ctxv1_long"),
@@ -26,49 +24,7 @@ parse_results = load_parse_results()
 
 @pytest.fixture
 def repo(tmp_path):
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    shutil.copytree(REPO / "scripts" / "rada", root / "scripts" / "rada")
-    shutil.copy(REPO / "scripts" / "setup_env.sh", root / "scripts")
-    for stem in DATASETS:
-        (root / "configs" / "datasets").mkdir(parents=True, exist_ok=True)
-        (root / "configs" / "datasets" / f"{stem}.yaml").write_text(f"DATASET:\n  NAME: {stem}\n")
-    for trainer, cfgs in TRAINER_CONFIGS.items():
-        (root / "configs" / "trainers" / trainer).mkdir(parents=True)
-        for cfg in cfgs:
-            (root / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text("OPTIM:\n  MAX_EPOCH: 1\n")
-    (root / "data").mkdir()
-    stub = tmp_path / "bin" / "python"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_ARGV"\n')
-    stub.chmod(0o755)
-    return root
-
-
-def run_script(repo, script, *args, cwd=None, **env):
-    """Runs scripts/rada/<script>; returns (completed process, argv the stub python got or None)."""
-    argv_file = repo.parent / "argv.txt"
-    argv_file.unlink(missing_ok=True)
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in {"DATA", "OUTPUT", "TRAINER", "CFG", "SHOTS", "LOADEP"}}
-    environment.update(PATH=f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", RADA_SKIP_SETUP="1",
-                       STUB_ARGV=str(argv_file), **env)
-    result = subprocess.run(["bash", str(repo / "scripts" / "rada" / script), *map(str, args)],
-                            cwd=cwd or repo, env=environment, capture_output=True, text=True, timeout=60)
-    argv = argv_file.read_text().splitlines() if argv_file.exists() else None
-    return result, argv
-
-
-def train_py(seed, trainer, dataset, cfg, output_dir, root="./data"):
-    return ["train.py", "--root", root, "--seed", str(seed), "--trainer", trainer,
-            "--dataset-config-file", f"configs/datasets/{dataset}.yaml",
-            "--config-file", f"configs/trainers/{trainer}/{cfg}.yaml", "--output-dir", output_dir]
-
-
-def finish(repo, run_dir, log_text):
-    path = repo / run_dir
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "log.txt").write_text(log_text)
+    return make_fake_repo(tmp_path, DATASETS, TRAINER_CONFIGS)
 
 
 # ---- the command lines -------------------------------------------------------------------------
@@ -196,7 +152,7 @@ def test_test_refuses_an_unfinished_training(repo):
     ("base2new_train.sh", ["dtd", 1], {"CFG": "vit_b32"},
      "no trainer config configs/trainers/RAdaCoOp/vit_b32.yaml. Available for RAdaCoOp: vit_b16_ep50_ctxv1 vit_b16_ep50_ctxv1_long"),
     ("base2new_train.sh", ["dtd", 0], {}, "SEED must be a positive integer, got '0'"),
-    ("base2new_train.sh", ["dtd", 1], {"SHOTS": "all"}, "SHOTS must be a positive integer, got 'all'"),
+    ("base2new_train.sh", ["dtd", 1], {"SHOTS": "many"}, "SHOTS must be a positive integer, got 'many'"),
     ("base2new_test.sh", ["dtd", 1], {"LOADEP": "last"}, "LOADEP must be a positive integer, got 'last'"),
     ("base2new_train.sh", ["dtd", 1, "OPTIM.LR"], {},
      "arguments after the required ones are yacs options and come in KEY VALUE pairs; got 1 word(s): OPTIM.LR"),

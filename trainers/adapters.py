@@ -11,7 +11,6 @@ never trains: its output is relu(0) and relu's gradient at 0 is 0, so neither W_
 ever receives a non-zero gradient. The default init is therefore kept for every trainer.
 """
 
-import torch
 from torch import nn
 
 from .precision import autocast_enabled

@@ -20,6 +20,7 @@ from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from torch.nn import functional as F
+from torchvision.transforms import Compose
 
 from .checkpoint import (
     CHECKPOINT_POINTER,
@@ -64,6 +65,20 @@ def register_trainer(cls):
     return cls
 
 
+class CropBorder:
+    """Cut `pixels` from every side of a PIL image."""
+
+    def __init__(self, pixels):
+        self.pixels = pixels
+
+    def __call__(self, image):
+        width, height = image.size
+        return image.crop((self.pixels, self.pixels, width - self.pixels, height - self.pixels))
+
+    def __repr__(self):
+        return f"CropBorder(pixels={self.pixels})"
+
+
 class CLIPTrainer(TrainerX):
     """Base of all trainers here. Subclasses set PREC_NODE and implement build_classifier."""
 
@@ -93,10 +108,31 @@ class CLIPTrainer(TrainerX):
     def compute_loss(self, output, labels):
         return F.cross_entropy(output.logits, labels)
 
+    def precision_mode(self):
+        """The PREC CLIP runs in; trainers that update CLIP's own weights may refuse some."""
+        return self.cfg.TRAINER[self.PREC_NODE].PREC
+
+    def build_optimization(self, name, module):
+        """(optimiser, scheduler) of a registered module: Dassl's optimiser over its trainable
+        parameters and the epoch schedule of OPTIM."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        optim = build_optimizer(None, self.cfg.OPTIM, param_groups=params)
+        return optim, build_lr_scheduler(optim, self.cfg.OPTIM)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def build_data_loader(self):
+        super().build_data_loader()
+        # Some test sets ask for a border to be cut off each image first (ObjectNet's frame).
+        border = getattr(self.dm.dataset, "test_border", 0)
+        if border:
+            logger.info(f"Cutting {border} pixels from every side of each test image")
+            wrapper = self.test_loader.dataset
+            wrapper.transform = Compose([CropBorder(border), wrapper.transform])
+
     # ---- model --------------------------------------------------------------------------------
     def build_model(self):
         cfg = self.cfg
-        self.precision = Precision(cfg.TRAINER[self.PREC_NODE].PREC, self.device)
+        self.precision = Precision(self.precision_mode(), self.device)
         logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         clip_model = load_clip(cfg.MODEL.BACKBONE.NAME, cache_dir=cfg.MODEL.BACKBONE.CACHE_DIR or None)
         self._check_input_size(clip_model)
@@ -111,10 +147,9 @@ class CLIPTrainer(TrainerX):
             module.requires_grad_(True)
         self.model.to(self.device)
         for name, module in trainable.items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            optim = build_optimizer(None, cfg.OPTIM, param_groups=params)
-            self.register_model(name, module, optim, build_lr_scheduler(optim, cfg.OPTIM))
-            logger.info(f"Learnable parameters in {name}: {sum(p.numel() for p in params):,}")
+            self.register_model(name, module, *self.build_optimization(name, module))
+            count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            logger.info(f"Learnable parameters in {name}: {count:,}")
         self.scaler = self.precision.grad_scaler()
 
     def _check_input_size(self, clip_model):

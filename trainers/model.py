@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, weights_key
 
 ClassifierOutput = namedtuple("ClassifierOutput", ["logits", "mask"])
 
@@ -36,12 +36,13 @@ class CLIPClassifier(nn.Module):
         return self.text_encoder.dtype
 
     def text_features(self):
-        """Class text features; cached while no learnable prompt parameter has changed and
-        gradients are off, so evaluation encodes the K prompts once, not once per batch."""
+        """Class text features; cached while gradients are off and neither a prompt parameter nor
+        a text-encoder weight has changed, so evaluation encodes the K prompts once, not once per
+        batch, also when the text encoder is being fine-tuned."""
         if torch.is_grad_enabled():
             self._text_cache = None
             return self.prompts(self.text_encoder)
-        key = tuple((p.data_ptr(), p._version) for p in self.prompts.parameters())
+        key = weights_key(self.prompts) + weights_key(self.text_encoder)
         if self._text_cache is None or self._text_cache[0] != key:
             self._text_cache = (key, self.prompts(self.text_encoder))
         return self._text_cache[1]

@@ -11,6 +11,9 @@ import torch
 from clip import clip as clip_api
 from clip.simple_tokenizer import SimpleTokenizer
 from torch import nn
+from torch.nn import functional as F
+
+from .text_encoder import is_trained, weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,113 @@ ZERO_SHOT_TEMPLATES = {
 }
 DEFAULT_TEMPLATE = "a photo of a {}."
 
+# Named template ensembles. "openai_imagenet": the 80 ImageNet prompts of CLIP's zero-shot
+# evaluation, which FLYP and WiSE-FT use to train and evaluate on ImageNet (listed sorted).
+TEMPLATE_SETS = {
+    "openai_imagenet": (
+        'a bad photo of a {}.',
+        'a bad photo of the {}.',
+        'a black and white photo of a {}.',
+        'a black and white photo of the {}.',
+        'a blurry photo of a {}.',
+        'a blurry photo of the {}.',
+        'a bright photo of a {}.',
+        'a bright photo of the {}.',
+        'a cartoon {}.',
+        'a close-up photo of a {}.',
+        'a close-up photo of the {}.',
+        'a cropped photo of a {}.',
+        'a cropped photo of the {}.',
+        'a dark photo of a {}.',
+        'a dark photo of the {}.',
+        'a doodle of a {}.',
+        'a doodle of the {}.',
+        'a drawing of a {}.',
+        'a drawing of the {}.',
+        'a embroidered {}.',
+        'a good photo of a {}.',
+        'a good photo of the {}.',
+        'a jpeg corrupted photo of a {}.',
+        'a jpeg corrupted photo of the {}.',
+        'a low resolution photo of a {}.',
+        'a low resolution photo of the {}.',
+        'a origami {}.',
+        'a painting of a {}.',
+        'a painting of the {}.',
+        'a photo of a clean {}.',
+        'a photo of a cool {}.',
+        'a photo of a dirty {}.',
+        'a photo of a hard to see {}.',
+        'a photo of a large {}.',
+        'a photo of a nice {}.',
+        'a photo of a small {}.',
+        'a photo of a weird {}.',
+        'a photo of a {}.',
+        'a photo of many {}.',
+        'a photo of my {}.',
+        'a photo of one {}.',
+        'a photo of the clean {}.',
+        'a photo of the cool {}.',
+        'a photo of the dirty {}.',
+        'a photo of the hard to see {}.',
+        'a photo of the large {}.',
+        'a photo of the nice {}.',
+        'a photo of the small {}.',
+        'a photo of the weird {}.',
+        'a photo of the {}.',
+        'a pixelated photo of a {}.',
+        'a pixelated photo of the {}.',
+        'a plastic {}.',
+        'a plushie {}.',
+        'a rendering of a {}.',
+        'a rendering of the {}.',
+        'a rendition of a {}.',
+        'a rendition of the {}.',
+        'a sculpture of a {}.',
+        'a sculpture of the {}.',
+        'a sketch of a {}.',
+        'a sketch of the {}.',
+        'a tattoo of a {}.',
+        'a tattoo of the {}.',
+        'a toy {}.',
+        'a {} in a video game.',
+        'art of a {}.',
+        'art of the {}.',
+        'graffiti of a {}.',
+        'graffiti of the {}.',
+        'itap of a {}.',
+        'itap of my {}.',
+        'itap of the {}.',
+        'the cartoon {}.',
+        'the embroidered {}.',
+        'the origami {}.',
+        'the plastic {}.',
+        'the plushie {}.',
+        'the toy {}.',
+        'the {} in a video game.',
+    ),
+}
+
 _tokenizer = SimpleTokenizer()
 
 
 def zero_shot_template(dataset_name):
     return ZERO_SHOT_TEMPLATES.get(dataset_name, DEFAULT_TEMPLATE)
+
+
+def resolve_templates(value, dataset_name):
+    """Templates from a config value: the name of a set in TEMPLATE_SETS, one template with '{}',
+    or "" for CoOp's zero-shot template of the dataset."""
+    if not value:
+        return [zero_shot_template(dataset_name)]
+    if value in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[value])
+    if "{}" not in value:
+        raise ValueError(
+            f"{value!r} is neither a template with '{{}}' where the class name goes nor a template set "
+            f"({', '.join(TEMPLATE_SETS)})"
+        )
+    return [value]
 
 
 def readable(classnames):
@@ -53,22 +158,65 @@ def fill_template(template, classnames):
 
 
 class FixedPrompts(nn.Module):
-    """Hand-crafted prompts; their features are computed once per device and reused."""
+    """Hand-crafted prompts: one template, or an ensemble whose class features are the mean of the
+    L2-normalised features of each template (CLIP's zero-shot prompt ensembling).
+
+    While the text encoder is frozen, the features are computed without gradients and reused
+    until its weights change. While it trains (and gradients are on) they are recomputed, with
+    gradients, at every call; an ensemble then encodes one template per class drawn at random,
+    since encoding all T templates of all K classes at every step would cost T times as much.
+    """
 
     def __init__(self, classnames, template):
         super().__init__()
-        self.prompts = fill_template(template, classnames)
-        logger.info("Prompts (%d), e.g. %r", len(self.prompts), self.prompts[0])
-        self.register_buffer("tokenized_prompts", clip_api.tokenize(self.prompts), persistent=False)
-        self._features = None
+        self.templates = [template] if isinstance(template, str) else list(template)
+        if not self.templates:
+            raise ValueError("FixedPrompts needs at least one template")
+        self.num_classes = len(classnames)
+        prompts = [prompt for each in self.templates for prompt in fill_template(each, classnames)]
+        logger.info("Prompts (%d classes x %d template%s), e.g. %r", self.num_classes, len(self.templates),
+                    "s" if len(self.templates) > 1 else "", prompts[0])
+        # Row t * K + k holds template t filled with class k.
+        self.register_buffer("tokenized_prompts", clip_api.tokenize(prompts), persistent=False)
+        self._cache = None
+
+    @property
+    def is_ensemble(self):
+        return len(self.templates) > 1
 
     def forward(self, text_encoder):
-        cached = self._features
-        if cached is None or cached.device != self.tokenized_prompts.device:
+        if torch.is_grad_enabled() and is_trained(text_encoder):
+            labels = torch.arange(self.num_classes, device=self.tokenized_prompts.device)
+            return self._encode(text_encoder, self._prompt_rows(labels))
+        key = (self.tokenized_prompts.device, weights_key(text_encoder))
+        if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                cached = text_encoder.encode_tokens(self.tokenized_prompts)
-            self._features = cached
-        return cached
+                self._cache = (key, self._all_templates(text_encoder))
+        return self._cache[1]
+
+    def caption_features(self, text_encoder, labels):
+        """Features (B, E) of one prompt per label, a template drawn at random for each (FLYP's
+        captions); a prompt that occurs several times is encoded once."""
+        rows, inverse = torch.unique(self._prompt_rows(labels), return_inverse=True)
+        return self._encode(text_encoder, rows)[inverse]
+
+    def _prompt_rows(self, labels):
+        if not self.is_ensemble:
+            return labels
+        drawn = torch.randint(len(self.templates), labels.shape, device=labels.device)
+        return drawn * self.num_classes + labels
+
+    def _encode(self, text_encoder, rows):
+        features = text_encoder.encode_tokens(self.tokenized_prompts[rows])
+        return F.normalize(features, dim=-1) if self.is_ensemble else features
+
+    def _all_templates(self, text_encoder):
+        if not self.is_ensemble:
+            return text_encoder.encode_tokens(self.tokenized_prompts)
+        total = 0.0
+        for rows in self.tokenized_prompts.split(self.num_classes):  # a template at a time bounds memory
+            total = total + F.normalize(text_encoder.encode_tokens(rows).float(), dim=-1)
+        return (total / len(self.templates)).to(text_encoder.dtype)
 
 
 class CoOpPromptLearner(nn.Module):

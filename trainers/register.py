@@ -1,3 +1,10 @@
 """Importing this module registers every trainer of the project in Dassl's TRAINER_REGISTRY."""
 
-from . import adapter_trainers, clip_trainers, maple_trainers, rada  # noqa: F401
+from . import (  # noqa: F401
+    adapter_trainers,
+    clip_trainers,
+    finetune_trainers,
+    maple_trainers,
+    rada,
+    ttt_trainers,
+)

@@ -11,20 +11,11 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_usage "DATASET SEED" "$@"
-DATASET="$1"
-SEED="$2"
-shift 2
-check_dataset "$DATASET"
-check_common "$SEED" "$@"
+parse_args "DATASET SEED" "$@"
 resolve_cfg base2new
 
 COMMON_DIR="$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
 TRAIN_DIR="$OUTPUT/base2new/train_base/$COMMON_DIR"
 DIR="$OUTPUT/base2new/test_new/$COMMON_DIR"
 is_training_free || require_trained "$TRAIN_DIR" base2new_train.sh "$DATASET" "$SEED"
-skip_if_finished "$DIR"
-start_command "$DATASET" "$DIR"
-add_eval_flags "$TRAIN_DIR"
-CMD+=(DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES new "$@")
-run_command
+run_evaluation "$TRAIN_DIR" "$DIR" DATASET.NUM_SHOTS "$(num_shots)" DATASET.SUBSAMPLE_CLASSES new "${OPTS[@]}"

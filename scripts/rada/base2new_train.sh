@@ -12,17 +12,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_usage "DATASET SEED" "$@"
-DATASET="$1"
-SEED="$2"
-shift 2
-check_dataset "$DATASET"
-check_common "$SEED" "$@"
+parse_args "DATASET SEED" "$@"
 resolve_cfg base2new
 
 DIR="$OUTPUT/base2new/train_base/$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
-skip_if_finished "$DIR"
-start_command "$DATASET" "$DIR"
-if is_training_free; then CMD+=(--eval-only); fi
-CMD+=(DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES base "$@")
-run_command
+run_training "$DIR" DATASET.NUM_SHOTS "$(num_shots)" DATASET.SUBSAMPLE_CLASSES base "${OPTS[@]}"

@@ -16,19 +16,20 @@ CFG="${CFG:-}"
 if [ "$PWD" -ef "$RADA_REPO" ]; then REPO_PREFIX=""; else REPO_PREFIX="$RADA_REPO/"; fi
 
 # The one table of default configs: configs/trainers/<trainer>/<config>.yaml. CFG overrides it.
-# Columns: trainer, config for base-to-new and few-shot, config for cross-dataset (- = the same).
+# Columns: trainer, config for base-to-new and few-shot, config for cross-dataset, config for the
+# full fine-tuning protocol on ImageNet (dg_*.sh); - = the config of the second column.
 TRAINER_CONFIGS="
-ZeroshotCLIP  vit_b16                     -
-CoOp          vit_b16_ep50_ctxv1          -
-RAdaCoOp      vit_b16_ep50_ctxv1          -
-RAda          vit_b16_ep5                 -
-MaPLe         vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets
-RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets
-CLIPAdapter   vit_b16_ep5                 -
-RAdaAdapter   vit_b16_ep5                 -
-FT            vit_b16_ep10                -
-FLYP          vit_b16_ep10                -
-RAdaFT        vit_b16_ep10                -
+ZeroshotCLIP  vit_b16                     -                                          -
+CoOp          vit_b16_ep50_ctxv1          -                                          -
+RAdaCoOp      vit_b16_ep50_ctxv1          -                                          -
+RAda          vit_b16_ep5                 -                                          -
+MaPLe         vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
+RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
+CLIPAdapter   vit_b16_ep5                 -                                          -
+RAdaAdapter   vit_b16_ep5                 -                                          -
+FT            vit_b16_ep10                -                                          vit_b16_ep10_batch512
+FLYP          vit_b16_ep10                -                                          vit_b16_ep10_batch512
+RAdaFT        vit_b16_ep10                -                                          vit_b16_ep10_batch512
 "
 # Trainers with nothing to learn: every step of a protocol is an evaluation (--eval-only, no model dir).
 TRAINING_FREE_TRAINERS="ZeroshotCLIP"
@@ -80,11 +81,16 @@ check_positive_integer() { # name value [why]
     [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'${3:+ ($3)}"
 }
 
+# DATASET.NUM_SHOTS for SHOTS: all means every training image (-1).
+num_shots() {
+    if [ "$SHOTS" = all ]; then echo -1; else echo "$SHOTS"; fi
+}
+
 # Checks shared by every script: seed, shots, LOADEP, data root and the trailing yacs options.
 check_common() { # seed yacs-options...
     check_positive_integer SEED "$1" "Dassl's train.py ignores --seed 0; the papers use seeds 1 2 3"
     shift
-    check_positive_integer SHOTS "$SHOTS"
+    [ "$SHOTS" = all ] || check_positive_integer SHOTS "$SHOTS" "or all for every training image"
     [ -z "${LOADEP:-}" ] || check_positive_integer LOADEP "$LOADEP" "the epoch of the checkpoint to load"
     [ -d "$DATA" ] || die "dataset root '$DATA' does not exist: set DATA to the folder that holds the datasets"
     if [ $(($# % 2)) -ne 0 ]; then
@@ -92,15 +98,35 @@ check_common() { # seed yacs-options...
     fi
 }
 
-# resolve_cfg PROTOCOL (base2new|fewshot|xd): sets CFG from the table unless given, checks its YAML.
+# parse_args "DATASET SEED" "$@" (or "SEED" for the scripts that train on ImageNet): checks the
+# arguments and sets DATASET, SEED and OPTS, the trailing yacs KEY VALUE pairs.
+parse_args() {
+    local names="$1"
+    shift
+    check_usage "$names" "$@"
+    if [ "$names" = SEED ]; then
+        DATASET=imagenet
+    else
+        DATASET="$1"
+        shift
+    fi
+    SEED="$1"
+    shift
+    OPTS=("$@")
+    check_dataset "$DATASET"
+    check_common "$SEED" "$@"
+}
+
+# resolve_cfg PROTOCOL (base2new|fewshot|xd|dg): sets CFG from the table unless given, checks its YAML.
 resolve_cfg() {
     if [ -z "$CFG" ]; then
-        local row xd_cfg
+        local row xd_cfg dg_cfg
         row="$(awk -v trainer="$TRAINER" '$1 == trainer' <<<"$TRAINER_CONFIGS")"
         [ -n "$row" ] ||
             die "unknown trainer '$TRAINER' and no CFG given. Known trainers: $(known_trainers). For another trainer set CFG to a config name in configs/trainers/$TRAINER/"
-        read -r _ CFG xd_cfg <<<"$row"
+        read -r _ CFG xd_cfg dg_cfg <<<"$row"
         if [ "$1" = xd ] && [ "$xd_cfg" != - ]; then CFG="$xd_cfg"; fi
+        if [ "$1" = dg ] && [ "$dg_cfg" != - ]; then CFG="$dg_cfg"; fi
     fi
     local config_dir="$RADA_REPO/configs/trainers/$TRAINER"
     if [ ! -d "$config_dir" ]; then
@@ -179,10 +205,10 @@ start_command() { # dataset output_dir
         --output-dir "$2")
 }
 
-# Appends the flags that load the model trained in DIR (none for training-free trainers).
+# Appends the flags that load the model trained in DIR (none for training-free trainers or an empty DIR).
 add_eval_flags() { # model_dir
     CMD+=(--eval-only)
-    if ! is_training_free; then
+    if ! is_training_free && [ -n "$1" ]; then
         CMD+=(--model-dir "$1")
         if [ -n "${LOADEP:-}" ]; then CMD+=(--load-epoch "$LOADEP"); fi
     fi
@@ -193,4 +219,26 @@ run_command() {
     printf -v line '%q ' "${CMD[@]}"
     echo "+ ${line% }"
     "${CMD[@]}"
+}
+
+# Trains (or, for training-free trainers, evaluates) into OUTPUT_DIR unless it holds a finished run.
+run_training() { # output_dir yacs-options...
+    local dir="$1"
+    shift
+    skip_if_finished "$dir"
+    start_command "$DATASET" "$dir"
+    if is_training_free; then CMD+=(--eval-only); fi
+    CMD+=("$@")
+    run_command
+}
+
+# Evaluates the model of MODEL_DIR into OUTPUT_DIR unless it holds a finished run.
+run_evaluation() { # model_dir output_dir yacs-options...
+    local model_dir="$1" dir="$2"
+    shift 2
+    skip_if_finished "$dir"
+    start_command "$DATASET" "$dir"
+    add_eval_flags "$model_dir"
+    CMD+=("$@")
+    run_command
 }

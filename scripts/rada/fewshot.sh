@@ -13,17 +13,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_usage "DATASET SEED" "$@"
-DATASET="$1"
-SEED="$2"
-shift 2
-check_dataset "$DATASET"
-check_common "$SEED" "$@"
+parse_args "DATASET SEED" "$@"
 resolve_cfg fewshot
 
 DIR="$OUTPUT/fewshot/$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
-skip_if_finished "$DIR"
-start_command "$DATASET" "$DIR"
-if is_training_free; then CMD+=(--eval-only); fi
-CMD+=(DATASET.NUM_SHOTS "$SHOTS" "$@")
-run_command
+run_training "$DIR" DATASET.NUM_SHOTS "$(num_shots)" "${OPTS[@]}"

@@ -12,19 +12,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_usage "DATASET SEED" "$@"
-DATASET="$1"
-SEED="$2"
-shift 2
-check_dataset "$DATASET"
-check_common "$SEED" "$@"
+parse_args "DATASET SEED" "$@"
 resolve_cfg xd
 
 TRAIN_DIR="$OUTPUT/xd/train/imagenet/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
 DIR="$OUTPUT/xd/test/$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
 is_training_free || require_trained "$TRAIN_DIR" xd_train.sh "$SEED"
-skip_if_finished "$DIR"
-start_command "$DATASET" "$DIR"
-add_eval_flags "$TRAIN_DIR"
-CMD+=("$@")
-run_command
+run_evaluation "$TRAIN_DIR" "$DIR" "${OPTS[@]}"

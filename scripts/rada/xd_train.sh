@@ -12,17 +12,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_usage "SEED" "$@"
-SEED="$1"
-shift
-DATASET=imagenet
-check_dataset "$DATASET"
-check_common "$SEED" "$@"
+parse_args SEED "$@"
 resolve_cfg xd
 
 DIR="$OUTPUT/xd/train/$DATASET/shots_$SHOTS/$TRAINER/$CFG/seed$SEED"
-skip_if_finished "$DIR"
-start_command "$DATASET" "$DIR"
-if is_training_free; then CMD+=(--eval-only); fi
-CMD+=(DATASET.NUM_SHOTS "$SHOTS" "$@")
-run_command
+run_training "$DIR" DATASET.NUM_SHOTS "$(num_shots)" "${OPTS[@]}"

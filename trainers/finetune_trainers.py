@@ -1,0 +1,223 @@
+"""Full fine-tuning trainers: FT, FLYP and RAdaFT.
+
+All three update CLIP's image encoder (and, by config, its text encoder) and classify the way
+zero-shot CLIP does, through class prompts and the text encoder; they differ only in defaults,
+so the head's effect and the objective's are each one setting apart:
+
+- FT: cross-entropy over the class prompts, text encoder frozen (its features cached).
+- FLYP: "finetune like you pretrain" (Goyal et al., CVPR 2023): CLIP's contrastive loss between
+  the images of a batch and captions of their class names, both encoders and the logit scale
+  trained.
+- RAdaFT: FT with the RAda head between the features and the logits; TRAINER.FT.OBJECTIVE flyp
+  trains it with FLYP's objective instead.
+
+Each trained module gets its own optimiser (decayed weight matrices; no decay on norms, biases,
+embeddings and the logit scale) and a per-step warm-up + cosine schedule (FLYP's); CLIP's weights
+stay float32 under every optimiser (PREC amp or fp32).
+"""
+
+import logging
+from typing import NamedTuple
+
+import torch
+from dassl.metrics import compute_accuracy
+from dassl.optim import build_optimizer
+
+from .engine import CLIPTrainer, register_trainer
+from .errors import UserFacingError
+from .finetune import (
+    OBJECTIVES,
+    LogitScale,
+    check_master_weights,
+    checkpoint_blocks,
+    finetune_precision,
+    flyp_loss,
+    parameter_groups,
+    restrict_logits,
+    subset_index,
+    warmup_cosine_scheduler,
+)
+from .model import CLIPClassifier
+from .prompts import FixedPrompts, resolve_templates
+from .rada import RAdaMixin
+
+logger = logging.getLogger(__name__)
+
+
+class FineTuneSettings(NamedTuple):
+    objective: str
+    train_text_encoder: bool
+    train_logit_scale: bool
+
+
+class FineTuneTrainer(CLIPTrainer):
+    """What FT, FLYP and RAdaFT share (TRAINER.FT); subclasses set the defaults used where the
+    config says None."""
+
+    PREC_NODE = "FT"
+    DEFAULT_OBJECTIVE = "ce"
+    DEFAULT_TRAIN_TEXT = False
+
+    @classmethod
+    def settings(cls, cfg):
+        ft = cfg.TRAINER.FT
+        objective = cls.DEFAULT_OBJECTIVE if ft.OBJECTIVE is None else ft.OBJECTIVE
+        train_text = cls.DEFAULT_TRAIN_TEXT if ft.TRAIN_TEXT_ENCODER is None else ft.TRAIN_TEXT_ENCODER
+        train_scale = objective == "flyp" if ft.TRAIN_LOGIT_SCALE is None else ft.TRAIN_LOGIT_SCALE
+        return FineTuneSettings(objective, train_text, train_scale)
+
+    def check_cfg(self, cfg):
+        super().check_cfg(cfg)
+        ft, optim = cfg.TRAINER.FT, cfg.OPTIM
+        settings = self.settings(cfg)
+        if settings.objective not in OBJECTIVES:
+            raise UserFacingError(f"TRAINER.FT.OBJECTIVE is {settings.objective!r}; it must be one of {', '.join(OBJECTIVES)}.")
+        for key in ("TRAIN_TEXT_ENCODER", "TRAIN_LOGIT_SCALE", "GRAD_CHECKPOINTING", "IMAGENET_SUBSET_EVAL"):
+            if ft[key] is not None and not isinstance(ft[key], bool):
+                raise UserFacingError(f"TRAINER.FT.{key} is {ft[key]!r}; it must be True or False.")
+        if isinstance(ft.HEAD_LR, bool) or not isinstance(ft.HEAD_LR, (int, float)) or ft.HEAD_LR <= 0:
+            raise UserFacingError(f"TRAINER.FT.HEAD_LR is {ft.HEAD_LR!r}; it must be a positive number.")
+        if isinstance(ft.WARMUP_STEPS, bool) or not isinstance(ft.WARMUP_STEPS, int) or ft.WARMUP_STEPS < 0:
+            raise UserFacingError(f"TRAINER.FT.WARMUP_STEPS is {ft.WARMUP_STEPS!r}; it must be a whole number >= 0.")
+        if optim.LR_SCHEDULER != "cosine" or optim.WARMUP_EPOCH > 0:
+            raise UserFacingError(
+                f"{type(self).__name__} warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine: "
+                f"set OPTIM.LR_SCHEDULER cosine and OPTIM.WARMUP_EPOCH 0 (got {optim.LR_SCHEDULER!r} and "
+                f"{optim.WARMUP_EPOCH})."
+            )
+        try:
+            resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME)
+        except ValueError as error:
+            raise UserFacingError(f"TRAINER.FT.TEMPLATES: {error}.") from None
+
+    def precision_mode(self):
+        return finetune_precision(self.cfg.TRAINER.FT.PREC)
+
+    # ---- model --------------------------------------------------------------------------------
+    def build_head(self):
+        """The head between features and logits; none for plain fine-tuning."""
+        return None
+
+    def build_classifier(self, clip_model, classnames):
+        cfg, ft = self.cfg, self.cfg.TRAINER.FT
+        self.ft_settings = self.settings(cfg)
+        self.subset_index = None
+        subset = getattr(self.dm.dataset, "imagenet_subset", None) if ft.IMAGENET_SUBSET_EVAL else None
+        if subset is not None:
+            logger.info(
+                "%s covers %d of the %d ImageNet classes of its classnames.txt: classifying over all of them and "
+                "keeping, for each of its classes, the largest logit of its ImageNet classes (as WiSE-FT and FLYP).",
+                cfg.DATASET.NAME, len(subset.members), len(subset.imagenet_classnames),
+            )
+            classnames = list(subset.imagenet_classnames)
+            self.subset_index = subset_index(subset.members)
+        prompts = FixedPrompts(classnames, resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME))
+        model = CLIPClassifier(clip_model, prompts, head=self.build_head())
+        if ft.GRAD_CHECKPOINTING:
+            self._checkpoint_encoders(model)
+        self.logit_scale_module = LogitScale(model.logit_scale) if self.ft_settings.train_logit_scale else None
+        settings = self.ft_settings
+        logger.info(
+            "Fine-tuning with the %s objective: image encoder trained, text encoder %s, logit scale %s, %s",
+            settings.objective, "trained" if settings.train_text_encoder else "frozen (class features cached)",
+            "trained" if settings.train_logit_scale else "fixed",
+            "RAda head" if model.head is not None else "no head",
+        )
+        return model
+
+    def _checkpoint_encoders(self, model):
+        visual = model.image_encoder
+        if hasattr(visual, "transformer"):
+            checkpoint_blocks(visual.transformer)
+        else:
+            logger.warning("Gradient checkpointing covers transformer blocks; the ResNet image encoder runs as usual")
+        if self.ft_settings.train_text_encoder:
+            checkpoint_blocks(model.text_encoder.transformer)
+
+    def trainable_modules(self):
+        modules = {"image_encoder": self.model.image_encoder}
+        if self.ft_settings.train_text_encoder:
+            modules["text_encoder"] = self.model.text_encoder
+        if self.logit_scale_module is not None:
+            modules["logit_scale"] = self.logit_scale_module
+        if self.model.head is not None:
+            modules["rada_head"] = self.model.head
+        return modules
+
+    def build_optimization(self, name, module):
+        cfg = self.cfg
+        lr = cfg.TRAINER.FT.HEAD_LR if module is self.model.head else cfg.OPTIM.LR
+        groups = parameter_groups(module, lr, cfg.OPTIM.WEIGHT_DECAY)
+        check_master_weights(groups)
+        optim = build_optimizer(None, cfg.OPTIM, param_groups=groups)
+        decayed = sum(len(group["params"]) for group in groups if group["weight_decay"])
+        logger.info("%s: lr %.2e, weight decay %g on %d weight tensors, none on the other %d", name, lr,
+                    cfg.OPTIM.WEIGHT_DECAY, decayed, sum(len(group["params"]) for group in groups) - decayed)
+        total_steps = self.max_epoch * len(self.train_loader_x)
+        return optim, warmup_cosine_scheduler(optim, cfg.TRAINER.FT.WARMUP_STEPS, total_steps)
+
+    # ---- training -----------------------------------------------------------------------------
+    def train(self):
+        if self.subset_index is not None:
+            raise UserFacingError(
+                f"{self.cfg.DATASET.NAME} is a test set of some of ImageNet's classes: train on ImageNet and evaluate "
+                "on it with --eval-only --model-dir <training output>."
+            )
+        warmup, total = self.cfg.TRAINER.FT.WARMUP_STEPS, self.max_epoch * len(self.train_loader_x)
+        if warmup >= total:
+            logger.warning("The warm-up (%d steps) is not shorter than the run (%d steps): the learning rate never "
+                           "reaches its peak. Lower TRAINER.FT.WARMUP_STEPS.", warmup, total)
+        super().train()
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        with self.precision.autocast():
+            if self.ft_settings.objective == "flyp":
+                output = self.caption_logits(images, labels)
+                targets = torch.arange(labels.shape[0], device=labels.device)
+                loss = flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA)
+            else:
+                output, targets = self.model(images), labels
+                loss = self.compute_loss(output, labels)
+        self._backward_and_step(loss)
+        for name in self.get_model_names():
+            self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
+        return {"loss": loss.item(), "acc": compute_accuracy(output.logits, targets)[0].item()}
+
+    def caption_logits(self, images, labels):
+        """ClassifierOutput of the batch's images against one caption of each image's class (B x B)."""
+        model = self.model
+        captions = model.prompts.caption_features(model.text_encoder, labels)
+        return model.classify(model.encode_image(images), captions)
+
+    def model_inference(self, images):
+        logits = super().model_inference(images)
+        return logits if self.subset_index is None else restrict_logits(logits, self.subset_index)
+
+
+@register_trainer
+class FT(FineTuneTrainer):
+    """Full fine-tuning with cross-entropy over the class prompts (the head-less baseline)."""
+
+
+@register_trainer
+class FLYP(FineTuneTrainer):
+    """Finetune like you pretrain: both encoders and the logit scale trained with the contrastive
+    loss between images and captions of their class names; evaluated zero-shot style."""
+
+    DEFAULT_OBJECTIVE = "flyp"
+    DEFAULT_TRAIN_TEXT = True
+
+    def check_cfg(self, cfg):
+        super().check_cfg(cfg)
+        if self.settings(cfg).objective != "flyp":
+            raise UserFacingError(
+                "FLYP trains with the flyp objective; for cross-entropy with a trained text encoder use "
+                "--trainer FT TRAINER.FT.TRAIN_TEXT_ENCODER True."
+            )
+
+
+@register_trainer
+class RAdaFT(RAdaMixin, FineTuneTrainer):
+    """Full fine-tuning with the RAda head (the paper's FFT setting); TRAINER.FT.OBJECTIVE flyp
+    trains it with FLYP's objective, the paper's reference."""

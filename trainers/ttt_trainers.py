@@ -1,0 +1,161 @@
+"""Test-time training trainers (Dassl glue): RAdaTTT and RAdaCoOpTTT.
+
+Each one is the trainer whose classifier it adapts (RAda: hand-crafted prompts and the head;
+RAdaCoOp: CoOp's context and the head) with inference replaced by per-image test-time training
+(trainers/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
+without --model-dir it starts from the identity head (the paper's "RAda"), with --model-dir
+from a training run of that trainer (the paper's "RAda†"). The optimiser is OPTIM.*.
+
+    python train.py --trainer RAdaTTT --eval-only [--model-dir OUTPUT_OF_A_RADA_RUN] \\
+        --root DATA --seed 1 --dataset-config-file configs/datasets/imagenet_a.yaml \\
+        --config-file configs/trainers/RAdaTTT/vit_b16_imagenet.yaml --output-dir DIR
+"""
+
+import logging
+import os
+import os.path as osp
+
+import torch
+from torchvision import transforms as T
+
+from .checkpoint import CHECKPOINT_POINTER
+from .engine import register_trainer
+from .errors import UserFacingError
+from .rada import RAda, RAdaCoOp
+from .ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
+
+logger = logging.getLogger(__name__)
+
+
+class TestTimeTrainingMixin:
+    """Turns a CLIPTrainer subclass whose classifier has a RAda head into its test-time trainer;
+    list it first among the bases."""
+
+    def check_cfg(self, cfg):
+        super().check_cfg(cfg)
+        ttt = cfg.TRAINER.TTT
+        problems = []
+        if ttt.STEPS < 0:
+            problems.append(f"TRAINER.TTT.STEPS must be >= 0, got {ttt.STEPS}")
+        if ttt.N_VIEWS < 0:
+            problems.append(f"TRAINER.TTT.N_VIEWS must be >= 0, got {ttt.N_VIEWS}")
+        if not 0 < ttt.CONFIDENT_FRACTION <= 1:
+            problems.append(f"TRAINER.TTT.CONFIDENT_FRACTION must be in (0, 1], got {ttt.CONFIDENT_FRACTION}")
+        if cfg.OPTIM.WARMUP_EPOCH > 0:
+            # A warm-up scheduler would replace OPTIM.LR by its warm-up rate for every image.
+            problems.append("test-time training has no epochs to warm up: set OPTIM.WARMUP_EPOCH 0")
+        if problems:
+            raise UserFacingError("; ".join(problems))
+
+    def build_data_loader(self):
+        super().build_data_loader()
+        cfg = self.cfg
+        normalize = None
+        if "normalize" in cfg.INPUT.TRANSFORMS:
+            normalize = T.Normalize(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+        # Each image becomes its views; the original keeps the test transform of every other protocol.
+        for loader in (self.test_loader, self.val_loader):
+            if loader is not None:
+                loader.dataset.transform = TestTimeViews(
+                    loader.dataset.transform, cfg.INPUT.SIZE, n_views=cfg.TRAINER.TTT.N_VIEWS,
+                    augmix=cfg.TRAINER.TTT.AUGMIX, normalize=normalize,
+                )
+
+    def build_model(self):
+        super().build_model()
+        adapted = [self.model.head]
+        if self.cfg.TRAINER.TTT.ADAPT_PROMPTS:
+            if not any(True for _ in self.model.prompts.parameters()):
+                raise UserFacingError(
+                    f"TRAINER.TTT.ADAPT_PROMPTS is True but {self.cfg.TRAINER.NAME} has hand-crafted prompts, "
+                    "with nothing to adapt: use RAdaCoOpTTT to adapt a CoOp context."
+                )
+            adapted.append(self.model.prompts)
+        self.adapted_names = [name for name, module in self._models.items() if any(module is m for m in adapted)]
+        for name, module in self._models.items():
+            module.requires_grad_(name in self.adapted_names)
+
+    def load_model(self, directory, epoch=None):
+        if directory and osp.isdir(directory):
+            self._refuse_unused_weights(directory)
+        super().load_model(directory, epoch)
+        if not directory:
+            logger.info("Test-time training starts from the identity head (mask M = 1)")
+
+    def _refuse_unused_weights(self, directory):
+        """A run of another trainer would load only in part (e.g. a RAdaCoOp head without its context)."""
+        unused = sorted(
+            name for name in os.listdir(directory)
+            if osp.isfile(osp.join(directory, name, CHECKPOINT_POINTER)) and name not in self.get_model_names()
+        )
+        if unused:
+            raise UserFacingError(
+                f"{directory} also holds trained {', '.join(unused)}, which {self.cfg.TRAINER.NAME} does not have "
+                "and would ignore. Test-time train a run with the trainer built on the same modules: "
+                + ", ".join(f"{cls.__name__} for a {cls.SOURCE} run" for cls in TEST_TIME_TRAINERS) + "."
+            )
+
+    def train(self):
+        logger.info(f"{self.cfg.TRAINER.NAME} trains nothing beforehand: running test-time training on the test set. "
+                    "To start from a trained model, use --eval-only --model-dir DIR.")
+        self.test()
+
+    def test(self, split=None):
+        cfg, ttt = self.cfg, self.cfg.TRAINER.TTT
+        split = split or cfg.TEST.SPLIT
+        loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
+        self.test_time_adapter = TestTimeAdapter(
+            self.model, [self._optims[name] for name in self.adapted_names], steps=ttt.STEPS,
+            confident_fraction=ttt.CONFIDENT_FRACTION, autocast=self.precision.autocast,
+            scaler=self.scaler if self.scaler.is_enabled() else None,
+        )
+        self.tally = TestTimeTally(len(loader.dataset))
+        views = f"{ttt.N_VIEWS} random resized crops{' with AugMix' if ttt.AUGMIX else ''}"
+        logger.info(
+            f"Test-time training of {', '.join(self.adapted_names)} on {len(loader.dataset)} images: per image the "
+            f"original and {views}, the most confident {ttt.CONFIDENT_FRACTION:.0%} kept, {ttt.STEPS} step(s) "
+            f"of {cfg.OPTIM.NAME} at lr {cfg.OPTIM.LR:g}"
+        )
+        accuracy = super().test(split)
+        zero_shot = self.tally.zero_shot_accuracy
+        print(f"* zero-shot accuracy: {zero_shot:.2f}% (the same model before test-time training; "
+              f"after: {accuracy:.2f}%)")
+        self.write_scalar(f"{split}/zero_shot_accuracy", zero_shot, self.epoch)
+        return accuracy
+
+    def parse_batch_test(self, batch):
+        views, labels = super().parse_batch_test(batch)
+        self._batch_labels = labels  # model_inference counts the zero-shot predictions against them
+        return views, labels
+
+    def model_inference(self, views):
+        """Test-time train on each image of a (B, 1 + N, C, H, W) batch of views; Dassl's test()
+        calls this under no_grad, so gradients are switched back on here."""
+        with torch.enable_grad():
+            predictions = [self.test_time_adapter.adapt_and_predict(image_views) for image_views in views]
+        initial = torch.cat([p.initial for p in predictions])
+        adapted = torch.cat([p.adapted for p in predictions])
+        seen_before = self.tally.seen
+        self.tally.update(initial, adapted, self._batch_labels)
+        frequency = max(self.cfg.TRAIN.PRINT_FREQ, 1)
+        if self.tally.seen // frequency > seen_before // frequency or self.tally.seen == self.tally.total:
+            logger.info(self.tally.progress())
+        return adapted
+
+
+@register_trainer
+class RAdaTTT(TestTimeTrainingMixin, RAda):
+    """Test-time training of RAda's classifier: hand-crafted prompts and the head (the head adapts)."""
+
+    SOURCE = "RAda"
+
+
+@register_trainer
+class RAdaCoOpTTT(TestTimeTrainingMixin, RAdaCoOp):
+    """Test-time training of RAdaCoOp's classifier: the head adapts, and the CoOp context too with
+    TRAINER.TTT.ADAPT_PROMPTS True."""
+
+    SOURCE = "RAdaCoOp"
+
+
+TEST_TIME_TRAINERS = (RAdaTTT, RAdaCoOpTTT)
