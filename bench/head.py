@@ -56,6 +56,22 @@ class PeakMeter:
         return _rss_kib("VmHWM") * 1024 - self.base
 
 
+def median_seconds(run, repeats, device):
+    """Median wall time of `repeats` calls of run(), waiting for the GPU around each."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def worker(args):
     import torch
     from torch.nn import functional as F
@@ -90,16 +106,8 @@ def worker(args):
     extra = meter.extra()
     checksum = float(logits.float().sum())
     del logits
-    times = []
-    for _ in range(args.repeats):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times), "extra_bytes": extra, "checksum": checksum}))
+    seconds = median_seconds(step, args.repeats, args.device)
+    print(json.dumps({"seconds": seconds, "extra_bytes": extra, "checksum": checksum}))
 
 
 def measure(args, impl, classes):

@@ -20,15 +20,13 @@ Each measurement runs in a fresh process (see bench/head.py for the memory meter
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.head import PeakMeter  # noqa: E402
+from bench.head import PeakMeter, median_seconds  # noqa: E402
 
 
 def build_classifier(classes, dim, heads, device):
@@ -114,16 +112,8 @@ def worker(args):
     meter.reset()
     prediction = one_image()
     extra = meter.extra()
-    times = []
-    for _ in range(args.repeats):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        one_image()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times), "extra_bytes": extra,
+    seconds = median_seconds(one_image, args.repeats, args.device)
+    print(json.dumps({"seconds": seconds, "extra_bytes": extra,
                       "prediction": prediction.float().flatten().tolist()}))
 
 
