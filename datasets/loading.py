@@ -26,7 +26,6 @@ from datasets.specs import (
     OBJECTNET,
     OBJECTNET_MAPPINGS,
     SPLIT_FILE,
-    VARIANT_BY_FOLDER,
     VARIANT_BY_INDEX,
     get_spec,
 )
@@ -69,19 +68,8 @@ def list_imagenet(spec, root):
 
 
 def read_variant(spec, root):
-    """The test images of a test-only ImageNet variant."""
-    if spec.kind == OBJECTNET:
-        records, _ = readers.read_objectnet(spec.path(root, spec.image_dir), spec.path(root, OBJECTNET_MAPPINGS))
-        return records
-    classnames_path = spec.path(root, "classnames.txt")
-    classnames = readers.read_imagenet_classnames(classnames_path)
-    reader = readers.read_indexed_folders if spec.kind == VARIANT_BY_INDEX else readers.read_class_folders
-    return reader(spec.path(root, spec.image_dir), classnames, classnames_path)
-
-
-def read_imagenet_subset(spec, root):
-    """How the classes of a test-only variant sit among ImageNet's (an ImageNetSubset), or None when
-    it has all of ImageNet's classes (ImageNetV2, ImageNet-Sketch).
+    """(test images, ImageNetSubset or None) of a test-only ImageNet variant. The subset says how
+    its classes sit among ImageNet's; None when it has all of them (ImageNetV2, ImageNet-Sketch).
 
     ImageNet's classes are those of the variant's classnames.txt (a copy of ImageNet's), labelled in
     sorted folder order as ImageNet is; ImageNet-A/-R classes are their folders, ObjectNet's come
@@ -90,23 +78,25 @@ def read_imagenet_subset(spec, root):
     classnames_path = spec.path(root, "classnames.txt")
     classnames = readers.read_imagenet_classnames(classnames_path)
     wnids = sorted(classnames)
+    image_dir = spec.path(root, spec.image_dir)
+    if spec.kind == VARIANT_BY_INDEX:
+        return readers.read_indexed_folders(image_dir, classnames, classnames_path), None
     if spec.kind == OBJECTNET:
-        _, members = readers.read_objectnet(spec.path(root, spec.image_dir), spec.path(root, OBJECTNET_MAPPINGS))
+        records, members = readers.read_objectnet(image_dir, spec.path(root, OBJECTNET_MAPPINGS))
         highest = max(max(labels) for labels in members)
         if highest >= len(wnids):
             raise DatasetFormatError(
                 f"ObjectNet's mapping files use ImageNet label {highest}, but {classnames_path} names only "
                 f"{len(wnids)} classes: it must be a copy of imagenet/classnames.txt (1,000 lines)."
             )
-    elif spec.kind == VARIANT_BY_FOLDER:
-        folders = readers.list_class_folders(spec.path(root, spec.image_dir))
-        if len(folders) == len(wnids):
-            return None
-        label_of = {wnid: label for label, wnid in enumerate(wnids)}
-        members = tuple((label_of[folder],) for folder in folders)  # read_variant checked every folder
     else:
-        return None
-    return ImageNetSubset(tuple(classnames[wnid] for wnid in wnids), members)
+        records = readers.read_class_folders(image_dir, classnames, classnames_path)
+        folders = readers.list_class_folders(image_dir)
+        if len(folders) == len(wnids):
+            return records, None
+        label_of = {wnid: label for label, wnid in enumerate(wnids)}
+        members = tuple((label_of[folder],) for folder in folders)  # read_class_folders checked every folder
+    return records, ImageNetSubset(tuple(classnames[wnid] for wnid in wnids), members)
 
 
 def load_dataset(name, root, num_shots=-1, seed=-1, subsample="all"):
@@ -125,8 +115,8 @@ def load_dataset(name, root, num_shots=-1, seed=-1, subsample="all"):
         if num_shots >= 1 or subsample != "all":
             # CoOp's variant classes ignore both options; so do we, visibly.
             logger.info("%s is test-only: NUM_SHOTS and SUBSAMPLE_CLASSES are ignored.", spec.name)
-        test = read_variant(spec, root)
-        loaded = LoadedDataset(train_x=test, val=[], test=test, imagenet_subset=read_imagenet_subset(spec, root))
+        test, imagenet_subset = read_variant(spec, root)
+        loaded = LoadedDataset(train_x=test, val=[], test=test, imagenet_subset=imagenet_subset)
     else:
         train, val, test = read_full_splits(spec, root)
         if num_shots >= 1:

@@ -320,7 +320,7 @@ def split_inventory(spec, root):
     elif spec.kind == IMAGENET:
         splits = loading.list_imagenet(spec, root).items()
     else:
-        splits = [("test", loading.read_variant(spec, root))]
+        splits = [("test", loading.read_variant(spec, root)[0])]
     inventory = []
     for split, records in splits:
         missing = [record.impath for record in records if not os.path.isfile(record.impath)]
