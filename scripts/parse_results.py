@@ -386,10 +386,11 @@ def shots_text(shots):
 
 def rerun_command(run_root, part, dataset, seed, trainer, cfg, shots):
     """The script call that creates a missing run."""
-    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg} SHOTS={shots_text(shots)}"
-    if part == "ttt":  # shots_0: from the identity head; shots_K: from the K-shot ImageNet model of xd_train.sh
-        env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg}"
-        env += f" PRETRAINED=1 SHOTS={shots}" if shots else ""
+    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg}"
+    if part != "ttt":
+        env += f" SHOTS={shots_text(shots)}"
+    elif shots:  # ttt shots_K starts from the K-shot ImageNet model of xd_train.sh; shots_0 from the identity head
+        env += f" PRETRAINED=1 SHOTS={shots}"
     args = [str(seed)] if part in SOURCE_PARTS else [dataset, str(seed)]
     return f"{env} bash scripts/rada/{PART_SCRIPTS[part]} {' '.join(args)}"
 

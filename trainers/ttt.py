@@ -24,6 +24,8 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from .text_encoder import is_trained
+
 # ---- views ------------------------------------------------------------------------------------
 
 # AugMix as TPT applies it: a convex mix of the view and three chains of one to three operations,
@@ -235,7 +237,7 @@ class TestTimeAdapter:
         self.autocast = autocast
         self.scaler = scaler
         # Without a learnable context the text features never change: encode them once, without graph.
-        self.adapts_prompts = any(p.requires_grad for p in classifier.prompts.parameters())
+        self.adapts_prompts = is_trained(classifier.prompts)
         self.snapshot = OptimizationSnapshot(self.optimizers)
 
     def encode(self, views):
