@@ -48,7 +48,7 @@ def setup_cfg(args):
     from dassl.config import get_cfg_default
 
     from trainers.config import extend_cfg
-    from trainers.errors import UserFacingError
+    from trainers.core.errors import UserFacingError
 
     cfg = get_cfg_default()
     extend_cfg(cfg)
@@ -102,7 +102,7 @@ def run(args):
 
     import datasets.dassl_glue  # noqa: F401  (registers the datasets)
     import trainers.register  # noqa: F401  (registers the trainers)
-    from trainers.errors import UserFacingError
+    from trainers.core.errors import UserFacingError
 
     cfg = setup_cfg(args)
     known = sorted(TRAINER_REGISTRY.registered_names())
@@ -134,7 +134,7 @@ def main(argv=None):
         print(f"error: {DASSL_INSTALL}", file=sys.stderr)
         return 2
     from datasets.errors import DatasetError
-    from trainers.errors import UserFacingError
+    from trainers.core.errors import UserFacingError
 
     try:
         run(args)

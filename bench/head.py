@@ -78,7 +78,7 @@ def worker(args):
 
     sys.path.insert(0, ROOT)
     from tests.dense_rada import dense_reference
-    from trainers.rada_head import RAdaHead
+    from trainers.core.rada_head import RAdaHead
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum
 
 from datasets.loading import load_dataset
 from datasets.specs import FEWSHOT_FOLDER, SPECS
+from datasets.transforms import CropBorder
 
 
 def _to_datums(records):
@@ -39,10 +40,10 @@ class CoOpLayoutDataset(DatasetBase):
         val = test if loaded.val is loaded.test else _to_datums(loaded.val)
         super().__init__(train_x=train_x, val=val or None, test=test)
         # Read by the trainers (duck-typed, so other hosts' datasets simply lack them): the classes
-        # of ImageNet a test set covers (datasets.records.ImageNetSubset) and the pixels to cut
-        # from every side of a test image before its transform (ObjectNet's frame).
+        # of ImageNet a test set covers (datasets.records.ImageNetSubset) and a transform applied to
+        # each test image before the usual one (ObjectNet's frame cut off), or None.
         self.imagenet_subset = loaded.imagenet_subset
-        self.test_border = spec.border
+        self.test_pre_transform = CropBorder(spec.border) if spec.border else None
 
 
 @DATASET_REGISTRY.register()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.image_trees import write_class_folders, write_images  # noqa: F401  (re-exported for tests)
-from trainers.tiny_clip import save_tiny_clip
+from trainers.core.tiny_clip import save_tiny_clip
 
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 
@@ -46,7 +46,7 @@ def tiny_clip_torchscript_path(tmp_path_factory):
 @pytest.fixture
 def clip_model(tiny_clip_path):
     """The tiny ViT CLIP loaded through the project's loader, in float32."""
-    from trainers.clip_loader import load_clip
+    from trainers.core.clip_loader import load_clip
 
     return load_clip(str(tiny_clip_path)).float()
 

@@ -6,13 +6,13 @@ from clip.model import convert_weights
 from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half, requires_dassl
-from trainers.adapters import Bottleneck, FeatureAdapter
-from trainers.checkpoint import load_weights
-from trainers.clip_loader import load_clip
-from trainers.model import CLIPClassifier
-from trainers.prompts import FixedPrompts, zero_shot_template
-from trainers.rada_head import RAdaHead
-from trainers.tiny_clip import TINY_EMBED_DIM
+from trainers.core.adapters import Bottleneck, FeatureAdapter
+from trainers.core.checkpoint import load_weights
+from trainers.core.clip_loader import load_clip
+from trainers.core.model import CLIPClassifier
+from trainers.core.prompts import FixedPrompts, zero_shot_template
+from trainers.core.rada_head import RAdaHead
+from trainers.core.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 TEMPLATE = "a photo of a {}."
@@ -183,7 +183,7 @@ def test_bad_adapter_settings_are_refused_before_anything_is_built(key, value, m
     from dassl.engine import TRAINER_REGISTRY
 
     import trainers.register  # noqa: F401
-    from trainers.errors import UserFacingError
+    from trainers.core.errors import UserFacingError
 
     # A config that leaves the adapter keys at None, so yacs accepts a value of any type.
     cfg = merged_cfg("configs/trainers/RAda/vit_b16_ep5.yaml")

@@ -2,15 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.checkpoint import (
+from trainers.core.checkpoint import (
     find_checkpoint,
     latest_checkpoint,
     load_weights,
     read_checkpoint,
     write_checkpoint,
 )
-from trainers.errors import CheckpointError
-from trainers.rada_head import RAdaHead
+from trainers.core.errors import CheckpointError
+from trainers.core.rada_head import RAdaHead
 
 VIT = {"embed_dim": 512, "text_width": 512, "vision_width": 768, "vision": "ViT", "image_size": 224}
 RN50 = {"embed_dim": 1024, "text_width": 512, "vision_width": 64, "vision": "ResNet", "image_size": 224}

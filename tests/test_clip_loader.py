@@ -4,14 +4,14 @@ import urllib.request
 import pytest
 import torch
 
-from trainers.clip_loader import (
+from trainers.core.clip_loader import (
     CLIPLoadError,
     cached_weights_path,
     clip_signature,
     load_clip,
 )
-from trainers.precision import Precision
-from trainers.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
+from trainers.core.precision import Precision
+from trainers.core.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
 
 
 @pytest.fixture

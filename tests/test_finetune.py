@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from tests.conftest import requires_dassl
 from tests.image_trees import imagenet_a_tree, imagenet_tree
 from tests.train_harness import TrainRun
-from trainers.clip_loader import load_clip
-from trainers.finetune import (
+from trainers.core.clip_loader import load_clip
+from trainers.core.finetune import (
     CheckpointedBlocks,
     LogitScale,
     check_master_weights,
@@ -28,17 +28,17 @@ from trainers.finetune import (
     subset_index,
     warmup_cosine_scheduler,
 )
-from trainers.model import CLIPClassifier
-from trainers.precision import Precision
-from trainers.prompts import (
+from trainers.core.model import CLIPClassifier
+from trainers.core.precision import Precision
+from trainers.core.prompts import (
     TEMPLATE_SETS,
     FixedPrompts,
     fill_template,
     resolve_templates,
 )
-from trainers.rada_head import RAdaHead
-from trainers.text_encoder import TextEncoder
-from trainers.tiny_clip import TINY_EMBED_DIM
+from trainers.core.rada_head import RAdaHead
+from trainers.core.text_encoder import TextEncoder
+from trainers.core.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 TEMPLATE = "a photo of a {}."

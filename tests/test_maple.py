@@ -7,13 +7,13 @@ from clip.model import CLIP, convert_weights
 from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half, requires_dassl
-from trainers.checkpoint import load_weights
-from trainers.clip_loader import load_clip
-from trainers.errors import UserFacingError
-from trainers.maple import MaPLeClassifier, MaPLePromptLearner
-from trainers.model import CLIPClassifier
-from trainers.prompts import FixedPrompts, fill_template
-from trainers.rada_head import RAdaHead
+from trainers.core.checkpoint import load_weights
+from trainers.core.clip_loader import load_clip
+from trainers.core.errors import UserFacingError
+from trainers.core.maple import MaPLeClassifier, MaPLePromptLearner
+from trainers.core.model import CLIPClassifier
+from trainers.core.prompts import FixedPrompts, fill_template
+from trainers.core.rada_head import RAdaHead
 
 CLASSES = ["golden_retriever", "cat", "air plane"]
 LAYERS = 4

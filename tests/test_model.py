@@ -3,10 +3,10 @@ import torch
 from clip import clip as clip_api
 from torch.nn import functional as F
 
-from trainers.model import CLIPClassifier
-from trainers.prompts import CoOpPromptLearner, FixedPrompts, fill_template
-from trainers.rada_head import RAdaHead
-from trainers.tiny_clip import TINY_EMBED_DIM
+from trainers.core.model import CLIPClassifier
+from trainers.core.prompts import CoOpPromptLearner, FixedPrompts, fill_template
+from trainers.core.rada_head import RAdaHead
+from trainers.core.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 

@@ -1,4 +1,9 @@
 """RAda and the CLIP baselines it builds on.
 
-Importing this package needs no Dassl; `trainers.dassl_trainers` holds the Dassl glue.
+The modules at this level are the Dassl glue: `engine` (the trainer base class), the
+registered trainers (`*_trainers.py`, all imported by `register`) and `config` (every config
+key with its default; needs only yacs). `trainers.core` holds everything that runs without
+Dassl: the head, model loading, prompts, adapters, fine-tuning and test-time training pieces,
+precision, schedules and the checkpoint format. Importing `trainers` or `trainers.core` needs
+no Dassl.
 """

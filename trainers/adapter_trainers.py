@@ -3,12 +3,12 @@ setting). CLIP is frozen; the class texts are fixed hand-crafted prompts."""
 
 import logging
 
-from .adapters import FeatureAdapter
+from .core.adapters import FeatureAdapter
 from .engine import CLIPTrainer, register_trainer
-from .errors import UserFacingError
-from .model import CLIPClassifier
-from .prompts import FixedPrompts, zero_shot_template
-from .rada import RAdaMixin
+from .core.errors import UserFacingError
+from .core.model import CLIPClassifier
+from .core.prompts import FixedPrompts, zero_shot_template
+from .rada_trainers import RAdaMixin
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class RAdaAdapter(RAdaMixin, AdapterTrainer):
     """Adapters on the image and text features and the RAda head, trained together, with the RAda
     trainer's hand-crafted prompt."""
 
-    DEFAULT_RATIO = 0.5  # the RAda authors' f + A(f), see trainers/adapters.py
+    DEFAULT_RATIO = 0.5  # the RAda authors' f + A(f), see trainers/core/adapters.py
     DEFAULT_TEXT = True
 
     def prompt_template(self):

@@ -3,18 +3,10 @@
 import logging
 
 from .engine import CLIPTrainer, register_trainer
-from .model import CLIPClassifier
-from .prompts import CoOpPromptLearner, FixedPrompts, zero_shot_template
+from .core.model import CLIPClassifier
+from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
 
 logger = logging.getLogger(__name__)
-
-
-def coop_prompt_learner(cfg, clip_model, classnames):
-    coop = cfg.TRAINER.COOP
-    return CoOpPromptLearner(
-        clip_model, classnames, n_ctx=coop.N_CTX, ctx_init=coop.CTX_INIT,
-        class_specific=coop.CSC, position=coop.CLASS_TOKEN_POSITION,
-    )
 
 
 @register_trainer

@@ -59,7 +59,7 @@ def extend_cfg(cfg):
     cfg.TRAINER.FT.OBJECTIVE = None
     cfg.TRAINER.FT.TRAIN_TEXT_ENCODER = None  # None: the trainer's own (FLYP True, FT and RAdaFT False)
     cfg.TRAINER.FT.TRAIN_LOGIT_SCALE = None  # None: trained exactly under the flyp objective (as FLYP)
-    # Class prompts: a template set of trainers/prompts.py (e.g. "openai_imagenet", FLYP's 80), one
+    # Class prompts: a template set of trainers/core/prompts.py (e.g. "openai_imagenet", FLYP's 80), one
     # template with '{}', or "" for CoOp's zero-shot template of the dataset.
     cfg.TRAINER.FT.TEMPLATES = ""
     cfg.TRAINER.FT.HEAD_LR = 1e-4  # learning rate of the RAda head; the encoders use OPTIM.LR

@@ -22,7 +22,7 @@ from dassl.optim import build_optimizer
 from torch.nn import functional as F
 from torchvision.transforms import Compose
 
-from .checkpoint import (
+from .core.checkpoint import (
     CHECKPOINT_POINTER,
     find_checkpoint,
     latest_checkpoint,
@@ -30,10 +30,10 @@ from .checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from .clip_loader import clip_signature, describe_clip, load_clip
-from .errors import UserFacingError
-from .precision import PRECISIONS, Precision
-from .schedule import build_lr_scheduler
+from .core.clip_loader import clip_signature, describe_clip, load_clip
+from .core.errors import UserFacingError
+from .core.precision import PRECISIONS, Precision
+from .core.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 _package_logger = logging.getLogger(__name__.rpartition(".")[0])
@@ -63,20 +63,6 @@ def register_trainer(cls):
         return cls
     TRAINER_REGISTRY.register(cls)  # Dassl's register() returns None when given the class
     return cls
-
-
-class CropBorder:
-    """Cut `pixels` from every side of a PIL image."""
-
-    def __init__(self, pixels):
-        self.pixels = pixels
-
-    def __call__(self, image):
-        width, height = image.size
-        return image.crop((self.pixels, self.pixels, width - self.pixels, height - self.pixels))
-
-    def __repr__(self):
-        return f"CropBorder(pixels={self.pixels})"
 
 
 class CLIPTrainer(TrainerX):
@@ -122,12 +108,12 @@ class CLIPTrainer(TrainerX):
     # ---- data ---------------------------------------------------------------------------------
     def build_data_loader(self):
         super().build_data_loader()
-        # Some test sets ask for a border to be cut off each image first (ObjectNet's frame).
-        border = getattr(self.dm.dataset, "test_border", 0)
-        if border:
-            logger.info(f"Cutting {border} pixels from every side of each test image")
+        # Some test sets transform each image first (ObjectNet's frame is cut off).
+        pre_transform = getattr(self.dm.dataset, "test_pre_transform", None)
+        if pre_transform is not None:
+            logger.info(str(pre_transform))
             wrapper = self.test_loader.dataset
-            wrapper.transform = Compose([CropBorder(border), wrapper.transform])
+            wrapper.transform = Compose([pre_transform, wrapper.transform])
 
     # ---- model --------------------------------------------------------------------------------
     def build_model(self):

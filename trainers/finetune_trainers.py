@@ -24,8 +24,8 @@ from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
 from .engine import CLIPTrainer, register_trainer
-from .errors import UserFacingError
-from .finetune import (
+from .core.errors import UserFacingError
+from .core.finetune import (
     OBJECTIVES,
     LogitScale,
     check_master_weights,
@@ -37,9 +37,9 @@ from .finetune import (
     subset_index,
     warmup_cosine_scheduler,
 )
-from .model import CLIPClassifier
-from .prompts import FixedPrompts, resolve_templates
-from .rada import RAdaMixin
+from .core.model import CLIPClassifier
+from .core.prompts import FixedPrompts, resolve_templates
+from .rada_trainers import RAdaMixin
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,8 @@
 """MaPLe trainers: coupled vision-language prompts, alone and with the RAda head."""
 
 from .engine import CLIPTrainer, register_trainer
-from .maple import MaPLeClassifier, MaPLePromptLearner
-from .rada import RAdaMixin
-
-
-def maple_prompt_learner(cfg, clip_model, classnames):
-    maple = cfg.TRAINER.MAPLE
-    return MaPLePromptLearner(
-        clip_model, classnames, n_ctx=maple.N_CTX, ctx_init=maple.CTX_INIT, depth=maple.PROMPT_DEPTH
-    )
+from .core.maple import MaPLeClassifier, maple_prompt_learner
+from .rada_trainers import RAdaMixin
 
 
 @register_trainer

@@ -5,6 +5,6 @@ from . import (  # noqa: F401
     clip_trainers,
     finetune_trainers,
     maple_trainers,
-    rada,
+    rada_trainers,
     ttt_trainers,
 )

@@ -2,7 +2,7 @@
 
 Each one is the trainer whose classifier it adapts (RAda: hand-crafted prompts and the head;
 RAdaCoOp: CoOp's context and the head) with inference replaced by per-image test-time training
-(trainers/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
+(trainers/core/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
 without --model-dir it starts from the identity head (the paper's "RAda"), with --model-dir
 from a training run of that trainer (the paper's "RAda†"). The optimiser is OPTIM.*.
 
@@ -18,11 +18,11 @@ import os.path as osp
 import torch
 from torchvision import transforms as T
 
-from .checkpoint import CHECKPOINT_POINTER
+from .core.checkpoint import CHECKPOINT_POINTER
 from .engine import register_trainer
-from .errors import UserFacingError
-from .rada import RAda, RAdaCoOp
-from .ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
+from .core.errors import UserFacingError
+from .rada_trainers import RAda, RAdaCoOp
+from .core.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
 
 logger = logging.getLogger(__name__)
 

@@ -220,3 +220,9 @@ def rada_loss(logits, mask, labels, alpha):
     if alpha:
         loss = loss + alpha * RAdaHead.mask_regularizer(mask)
     return loss
+
+
+def rada_head(cfg, embed_dim):
+    """The RAdaHead that TRAINER.RADA describes, for features of width embed_dim."""
+    rada = cfg.TRAINER.RADA
+    return RAdaHead(embed_dim, num_heads=rada.NUM_HEADS, temperature=rada.TEMP)

@@ -189,3 +189,11 @@ class MaPLeClassifier(CLIPClassifier):
 
     def encode_image(self, images):
         return self.prompts.encode_image(self.image_encoder, images.to(self.dtype))
+
+
+def maple_prompt_learner(cfg, clip_model, classnames):
+    """The MaPLePromptLearner that TRAINER.MAPLE describes."""
+    maple = cfg.TRAINER.MAPLE
+    return MaPLePromptLearner(
+        clip_model, classnames, n_ctx=maple.N_CTX, ctx_init=maple.CTX_INIT, depth=maple.PROMPT_DEPTH
+    )

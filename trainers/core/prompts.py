@@ -13,7 +13,7 @@ from clip.simple_tokenizer import SimpleTokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from .text_encoder import is_trained, weights_key
+from .module_state import is_trained, weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -284,3 +284,12 @@ class CoOpPromptLearner(nn.Module):
 
     def forward(self, text_encoder):
         return text_encoder(self.prompt_embeddings(), self.tokenized_prompts)
+
+
+def coop_prompt_learner(cfg, clip_model, classnames):
+    """The CoOpPromptLearner that TRAINER.COOP describes."""
+    coop = cfg.TRAINER.COOP
+    return CoOpPromptLearner(
+        clip_model, classnames, n_ctx=coop.N_CTX, ctx_init=coop.CTX_INIT,
+        class_specific=coop.CSC, position=coop.CLASS_TOKEN_POSITION,
+    )

@@ -4,7 +4,7 @@
 folder by the clip package's own downloader) or the path of a local file: a TorchScript
 archive as OpenAI ships them, or a plain state dict (`clip.load` cannot read the latter on
 current torch because it retries on a half-consumed file object). The model comes back on the
-CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.precision`
+CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.core.precision`
 decides the working dtype.
 """
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .text_encoder import TextEncoder, weights_key
+from .module_state import weights_key
+from .text_encoder import TextEncoder
 
 ClassifierOutput = namedtuple("ClassifierOutput", ["logits", "mask"])
 

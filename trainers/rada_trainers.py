@@ -1,18 +1,16 @@
 """RAda trainers: the head on frozen CLIP with hand-crafted prompts, and on CoOp prompts."""
 
-from .clip_trainers import coop_prompt_learner
 from .engine import CLIPTrainer, register_trainer
-from .model import CLIPClassifier
-from .prompts import FixedPrompts, zero_shot_template
-from .rada_head import RAdaHead, rada_loss
+from .core.model import CLIPClassifier
+from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
+from .core.rada_head import rada_head, rada_loss
 
 
 class RAdaMixin:
     """What every RAda trainer shares: one head configuration and one loss."""
 
     def build_head(self):
-        rada = self.cfg.TRAINER.RADA
-        return RAdaHead(self.backbone["embed_dim"], num_heads=rada.NUM_HEADS, temperature=rada.TEMP)
+        return rada_head(self.cfg, self.backbone["embed_dim"])
 
     def compute_loss(self, output, labels):
         return rada_loss(output.logits, output.mask, labels, self.cfg.TRAINER.RADA.ALPHA)

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .text_encoder import is_trained
+from .module_state import is_trained
 
 # ---- views ------------------------------------------------------------------------------------
 

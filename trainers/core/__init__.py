@@ -1,0 +1,1 @@
+"""The parts of RAda and its baselines that run without Dassl; `trainers.*_trainers` compose them."""
