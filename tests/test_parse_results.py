@@ -153,7 +153,8 @@ def test_full_base2new_tree_matches_the_papers_convention(tmp_path):
     assert average[5:10] == ["69.34 / 74.22 / 71.70", "82.69 / 63.22 / 71.66", "80.47 / 71.69 / 75.83",
                              "82.28 / 75.14 / 78.55", "84.26 / 76.10 / 79.97"]
     assert "Missing runs" not in out and "Unfinished" not in out and "Not run" not in out
-    assert "RAda (secondary source, unconfirmed)" in out
+    published = table_row(out, "RAda + Adapter")
+    assert published[1:4] == ["84.32", "76.25", "80.08"] and "unconfirmed" not in out
 
 
 def test_partial_tree_averages_only_what_is_present_and_says_so(tmp_path):
