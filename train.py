@@ -17,7 +17,8 @@ import sys
 
 DASSL_INSTALL = (
     "Dassl is not installed. Install it from its repository:\n"
-    "  git clone https://github.com/KaiyangZhou/Dassl.pytorch && pip install -e Dassl.pytorch --no-deps\n"
+    "  git clone https://github.com/KaiyangZhou/Dassl.pytorch\n"
+    f"  {sys.executable} -m pip install --no-deps --no-build-isolation -e Dassl.pytorch\n"
     "(see README.md, 'Installing Dassl')."
 )
 
@@ -95,19 +96,26 @@ def _node(cfg, dotted):
     return cfg
 
 
-def run(args):
-    import torch
-    from dassl.engine import TRAINER_REGISTRY, build_trainer
-    from dassl.utils import collect_env_info, set_random_seed, setup_logger
+def register_all(cfg):
+    """Register this project's datasets and trainers in Dassl; stop if cfg names an unknown trainer."""
+    from dassl.engine import TRAINER_REGISTRY
 
     import datasets.dassl_glue  # noqa: F401  (registers the datasets)
     import trainers.register  # noqa: F401  (registers the trainers)
     from trainers.core.errors import UserFacingError
 
-    cfg = setup_cfg(args)
     known = sorted(TRAINER_REGISTRY.registered_names())
     if cfg.TRAINER.NAME not in known:
         raise UserFacingError(f"Unknown trainer {cfg.TRAINER.NAME!r}. Known trainers: {', '.join(known)}.")
+
+
+def run(args):
+    import torch
+    from dassl.engine import build_trainer
+    from dassl.utils import collect_env_info, set_random_seed, setup_logger
+
+    cfg = setup_cfg(args)
+    register_all(cfg)
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)

@@ -2,7 +2,7 @@
 """Tables of the protocol runs written by scripts/rada/*.sh, beside the published numbers.
 
     python scripts/parse_results.py OUTPUT_DIR [--protocol base2new|fewshot|xd|dg|ttt] [--seeds 1 2 3]
-                                    [--ci95] [--csv PATH]
+                                    [--ci95] [--csv PATH] [--plot FILE]
 
 OUTPUT_DIR is the output root of the scripts (default there: ./output) or one protocol folder in it.
 Runs are grouped by (protocol, trainer, config, shots). Per dataset the table shows the mean and the
@@ -540,6 +540,8 @@ def parse_args(argv):
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="expected seeds (default: 1 2 3)")
     parser.add_argument("--ci95", action="store_true", help="show the 95%% confidence interval instead of the std")
     parser.add_argument("--csv", metavar="PATH", help="also write the tables to this CSV file")
+    parser.add_argument("--plot", metavar="FILE", help="also draw each table as a bar chart into this PNG file "
+                        "(one file per table, named after it, when there are several)")
     return parser.parse_args(argv)
 
 
@@ -579,6 +581,11 @@ def main(argv=None):
     if args.csv:
         write_csv(args.csv, summaries, args.ci95)
         print(f"Wrote {args.csv}")
+    if args.plot:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of figures/
+        from figures.results import plot_results  # matplotlib only when charts are asked for
+
+        print("\n".join(f"Wrote {path}" for path in plot_results(args.plot, summaries, published, args.ci95)))
     return 0
 
 

@@ -157,10 +157,14 @@ class CLIPTrainer(TrainerX):
             output = self.model(images)
             loss = self.compute_loss(output, labels)
         self._backward_and_step(loss)
-        summary = {"loss": loss.item(), "acc": compute_accuracy(output.logits, labels)[0].item()}
+        summary = self.training_summary(output, labels, loss)
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
+
+    def training_summary(self, output, labels, loss):
+        """What one training step reports; Dassl prints it and writes each entry to TensorBoard (train/<key>)."""
+        return {"loss": loss.item(), "acc": compute_accuracy(output.logits, labels)[0].item()}
 
     def _backward_and_step(self, loss):
         if not self.scaler.is_enabled() and not torch.isfinite(loss):

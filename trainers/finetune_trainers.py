@@ -20,7 +20,6 @@ import logging
 from typing import NamedTuple
 
 import torch
-from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
 from .engine import CLIPTrainer, register_trainer
@@ -182,7 +181,7 @@ class FineTuneTrainer(CLIPTrainer):
         self._backward_and_step(loss)
         for name in self.get_model_names():
             self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
-        return {"loss": loss.item(), "acc": compute_accuracy(output.logits, targets)[0].item()}
+        return self.training_summary(output, targets, loss)
 
     def caption_logits(self, images, labels):
         """ClassifierOutput of the batch's images against one caption of each image's class (B x B)."""

@@ -3,7 +3,7 @@
 from .engine import CLIPTrainer, register_trainer
 from .core.model import CLIPClassifier
 from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
-from .core.rada_head import rada_head, rada_loss
+from .core.rada_head import RAdaHead, rada_head, rada_loss
 
 
 class RAdaMixin:
@@ -14,6 +14,12 @@ class RAdaMixin:
 
     def compute_loss(self, output, labels):
         return rada_loss(output.logits, output.mask, labels, self.cfg.TRAINER.RADA.ALPHA)
+
+    def training_summary(self, output, labels, loss):
+        # The regulariser's value whatever ALPHA weighs it with: how far the mask has moved from 1.
+        summary = super().training_summary(output, labels, loss)
+        summary["mask_penalty"] = RAdaHead.mask_regularizer(output.mask.detach()).item()
+        return summary
 
 
 @register_trainer
