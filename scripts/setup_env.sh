@@ -1,34 +1,84 @@
 #!/usr/bin/env bash
-# Create (once) the virtual environment .venv and install requirements.txt into it.
-# Sourced by the other scripts; re-installs only when requirements.txt changes.
-# RADA_WITH_DASSL=1 also installs Dassl (not on PyPI) from its GitHub repository when the
-# environment lacks it; its run-time dependencies are in requirements.txt.
+# Choose the Python environment the scripts run in; sourced by every script. In this order:
+#   RADA_SKIP_SETUP=1   PATH is left as it is (the script tests put a stub `python` first on PATH).
+#   RADA_VENV=DIR       that virtual environment, created with requirements.txt if it is missing.
+#   your environment    the `python` on PATH (e.g. an activated conda env or venv; PYTHON=... names
+#                       another interpreter) when it can import what the scripts need: it is used
+#                       as it is, nothing is installed into it (except Dassl with RADA_WITH_DASSL=1).
+#   .venv               otherwise: the repository's .venv, created on first use with requirements.txt
+#                       and re-installed when requirements.txt changes.
+# RADA_WITH_DASSL=1 also installs Dassl (not on PyPI) from its GitHub repository into the chosen
+# environment when it lacks it; its run-time dependencies are in requirements.txt.
+# RADA_NEEDS adds module names the calling script needs (test.sh: pytest).
 set -euo pipefail
-# RADA_SKIP_SETUP=1 leaves PATH and .venv alone (the script tests put a stub `python` first on PATH).
 if [ "${RADA_SKIP_SETUP:-0}" = 1 ]; then
     return 0 2>/dev/null || exit 0
 fi
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${RADA_VENV:-$REPO_ROOT/.venv}"
-PYTHON_BIN="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "[setup] creating virtual environment $VENV"
-    "$PYTHON_BIN" -m venv "$VENV"
+# What train.py and the scripts import (module names; requirements.txt has the packages).
+RADA_MODULES="torch torchvision clip yacs tabulate PIL numpy tqdm ftfy regex ${RADA_NEEDS:-}"
+
+# Prints "missing: <modules>" or "ok: <sys.executable>" for an interpreter, without importing anything.
+_rada_probe() {
+    "$1" - $RADA_MODULES <<'PY' 2>/dev/null
+import importlib.util, sys
+missing = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]
+print(f"missing: {' '.join(missing)}" if missing else f"ok: {sys.executable}")
+PY
+}
+
+_rada_use_venv() {
+    local venv="$1" why="$2"
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "[setup] $why: creating the virtual environment $venv (first run: a few minutes, several GB)" >&2
+        "${PYTHON:-python3}" -m venv "$venv"
+    else
+        echo "[setup] $why: using the virtual environment $venv" >&2
+    fi
+    local stamp="$venv/.requirements.sha256" want
+    want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "[setup] installing requirements.txt into $venv" >&2
+        "$venv/bin/python" -m pip install --quiet -r "$REPO_ROOT/requirements.txt"
+        echo "$want" > "$stamp"
+    fi
+    RADA_PYTHON="$venv/bin/python"
+}
+
+# Chosen already by the script that called this one (its PATH is inherited).
+if [ -n "${RADA_PYTHON:-}" ] && [ "$(command -v python)" = "$RADA_PYTHON" ] && { [ "${RADA_WITH_DASSL:-0}" != 1 ] \
+        || "$RADA_PYTHON" -c "import dassl" 2>/dev/null; }; then
+    return 0 2>/dev/null || exit 0
 fi
-STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-    echo "[setup] installing requirements.txt into $VENV (first run: a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet -r "$REPO_ROOT/requirements.txt"
-    echo "$WANT" > "$STAMP"
+if [ -n "${RADA_VENV:-}" ]; then
+    _rada_use_venv "$RADA_VENV" "RADA_VENV is set"
+else
+    candidate="${PYTHON:-python}"
+    command -v "$candidate" >/dev/null 2>&1 || candidate=python3
+    probe="$(command -v "$candidate" >/dev/null 2>&1 && _rada_probe "$candidate" || true)"
+    probe="${probe:-missing: a working interpreter}"
+    found="${probe#ok: }"
+    if [ "$probe" != "$found" ] && [ -x "$(dirname "$found")/python" ]; then
+        RADA_PYTHON="$(dirname "$found")/python"
+        echo "[setup] using your Python environment: $RADA_PYTHON (it has torch, clip and the rest;" \
+             "RADA_VENV=DIR or RADA_SKIP_SETUP=1 to choose otherwise)" >&2
+    else
+        reason="$candidate ($(command -v "$candidate" 2>/dev/null || echo 'not found')) lacks ${probe#missing: }"
+        [ "$probe" != "$found" ] && reason="$found has no \`python\` beside it"
+        echo "[setup] $reason. To run in your own environment instead, activate it with requirements.txt" \
+             "installed (pip install -r requirements.txt), or set RADA_VENV=DIR or RADA_SKIP_SETUP=1." >&2
+        _rada_use_venv "$REPO_ROOT/.venv" "the project environment"
+    fi
 fi
-if [ "${RADA_WITH_DASSL:-0}" = 1 ] && ! "$VENV/bin/python" -c "import dassl" 2>/dev/null; then
-    echo "[setup] installing Dassl from ${DASSL_SOURCE:=git+https://github.com/KaiyangZhou/Dassl.pytorch@c61a1b570ac6333bd50fb5ae06aea59002fb20bb}"
+
+if [ "${RADA_WITH_DASSL:-0}" = 1 ] && ! "$RADA_PYTHON" -c "import dassl" 2>/dev/null; then
+    echo "[setup] installing Dassl into $RADA_PYTHON from ${DASSL_SOURCE:=git+https://github.com/KaiyangZhou/Dassl.pytorch@c61a1b570ac6333bd50fb5ae06aea59002fb20bb}" >&2
     # --no-deps: Dassl pins old linters and tb-nightly; --no-build-isolation: its setup.py imports numpy.
-    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation "$DASSL_SOURCE" || {
+    "$RADA_PYTHON" -m pip install --quiet --no-deps --no-build-isolation "$DASSL_SOURCE" || {
         echo "[setup] could not install Dassl from $DASSL_SOURCE. Clone https://github.com/KaiyangZhou/Dassl.pytorch" >&2
-        echo "        and run: $VENV/bin/python -m pip install --no-deps --no-build-isolation -e Dassl.pytorch" >&2
+        echo "        and run: $RADA_PYTHON -m pip install --no-deps --no-build-isolation -e Dassl.pytorch" >&2
         return 1 2>/dev/null || exit 1
     }
 fi
-export PATH="$VENV/bin:$PATH"
+export RADA_PYTHON
+export PATH="$(dirname "$RADA_PYTHON"):$PATH"

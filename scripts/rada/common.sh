@@ -3,7 +3,8 @@
 # DATA and OUTPUT, when relative, are relative to the directory the script is run from.
 
 RADA_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-source "$RADA_REPO/scripts/setup_env.sh"
+# The scripts run train.py, which needs Dassl: install it into the chosen environment if it lacks it.
+RADA_WITH_DASSL="${RADA_WITH_DASSL:-1}" source "$RADA_REPO/scripts/setup_env.sh"
 
 DATA="${DATA:-./data}"
 OUTPUT="${OUTPUT:-./output}"
