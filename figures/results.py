@@ -55,11 +55,19 @@ def _bars(axes, labels, series, ylabel):
     axes.set_ylabel(ylabel)
     axes.grid(axis="y", color="0.9", linewidth=0.8)
     axes.set_axisbelow(True)
-    if drawn:
-        lowest = min(value - (error or 0) for _, _, value, error in drawn)
-        highest = max(value + (error or 0) for _, _, value, error in drawn)
-        axes.set_ylim(max(0.0, 10 * np.floor((lowest - 5) / 10)), min(100.0, highest + 3) if highest <= 100 else highest * 1.05)
+    axes.set_xlim(-0.6, len(labels) - 0.4)
     return drawn, handles
+
+
+def _set_value_range(axes_list, drawn):
+    """One y-range for all panels, from 10 below the lowest bar (error bars included) to above the highest."""
+    if not drawn:
+        return
+    lowest = min(value - (error or 0) for *_, value, error in drawn)
+    highest = max(value + (error or 0) for *_, value, error in drawn)
+    top = min(100.0, highest + 3) if highest <= 100 else highest * 1.05
+    for axes in axes_list:
+        axes.set_ylim(max(0.0, 10 * np.floor((lowest - 5) / 10)), top)
 
 
 def base2new_chart(rows, published, title, path, ours="ours"):
@@ -70,7 +78,7 @@ def base2new_chart(rows, published, title, path, ours="ours"):
     average_only = [m for (d, m) in published if d == "average" and m not in per_dataset]
     drawn = []
     with styled():
-        figure = new_figure(max(10, 1.1 * len(labels) + 3), 10)
+        figure = new_figure(max(7, 1.1 * len(labels) + 3), 9)
         panels = figure.subplots(3, 1, sharex=True)
         for axes, (column, ylabel) in zip(panels, BASE2NEW_COLUMNS, strict=True):
             series = [(ours, OURS_COLOUR, None, {x: _mean_and_error(row.values.get(column))
@@ -85,6 +93,7 @@ def base2new_chart(rows, published, title, path, ours="ours"):
                 series.append((method, colour, hatch, {x: (getattr(numbers, column), None) for x in complete_average}))
             panel_drawn, handles = _bars(axes, labels, series, ylabel)
             drawn += [(column, *entry) for entry in panel_drawn]
+        _set_value_range(panels, drawn)
         panels[0].legend(handles.values(), handles.keys(), ncol=min(5, len(handles)), loc="lower left",
                          bbox_to_anchor=(0, 1.02), frameon=False)
         figure.suptitle(title)
@@ -101,6 +110,7 @@ def accuracy_chart(rows, title, path, ours="ours"):
         series = [(ours, OURS_COLOUR, None, {x: _mean_and_error(row.values.get("acc"))
                                               for x, row in enumerate(rows) if row.values.get("acc") is not None})]
         panel_drawn, _ = _bars(axes, labels, series, "accuracy (%)")
+        _set_value_range([axes], panel_drawn)
         for (_, _, value, _), x in zip(panel_drawn, sorted(series[0][3]), strict=True):
             axes.annotate(f"{value:.1f}", (x, value), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9)
         figure.suptitle(title)
@@ -128,7 +138,7 @@ def plot_results(path, summaries, published, ci95=False):
         target = chart_path(path, key, len(tables) > 1)
         target.parent.mkdir(parents=True, exist_ok=True)
         spread = "error bars: 95% CI over seeds" if ci95 else "error bars: std over seeds"
-        title = f"{protocol} | {trainer} | {cfg} | shots {shots} ({spread})"
+        title = f"{protocol} | {trainer} | {cfg} | shots {shots}\n({spread})"
         if protocol == "base2new":
             written[str(target)] = base2new_chart(report.rows, published, title, target, ours=trainer)
         else:

@@ -277,8 +277,10 @@ def draw_head(own, args):
     cfg = trainer.cfg
     probe = HeadProbe(trainer)
     statistics = accumulate_mask_statistics(trainer, probe, own.max_images).summary()
-    where = f"{args.model_dir}" + (f" (epoch {args.load_epoch})" if args.load_epoch else "") if args.model_dir else "untrained head"
-    title = f"{cfg.TRAINER.NAME} on {cfg.DATASET.NAME} ({cfg.DATASET.SUBSAMPLE_CLASSES} classes), {Path(where).name}"
+    weights = Path(args.model_dir).name if args.model_dir else "untrained head"
+    if args.model_dir and args.load_epoch:
+        weights += f", epoch {args.load_epoch}"
+    title = f"{cfg.TRAINER.NAME} on {cfg.DATASET.NAME} ({cfg.DATASET.SUBSAMPLE_CLASSES} classes), {weights}"
     histogram_path = plot_mask_histogram(statistics, out / "mask_histogram.png", title=title)
     print(f"Wrote {histogram_path}")
     rational = draw_rational_matrices(trainer, probe, chosen_indices(trainer, own.images), out, own.top_k)

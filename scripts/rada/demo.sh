@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The offline demo: base-to-new with RAdaCoOp on a synthetic dataset the repo generates, then
-# the results table. Sets up .venv (and Dassl) on first use; a few minutes on a 2-core CPU.
+# the results table and the figures (output/demo/figures). Runs in your Python environment when it has
+# what is needed, else sets up .venv (and Dassl) on first use; a few minutes on a 2-core CPU.
 #
 #   bash scripts/rada/demo.sh
 #
@@ -42,4 +43,15 @@ for SEED in $SEEDS; do
     bash scripts/rada/base2new_train.sh synthetic_shapes "$SEED" "${OPTIONS[@]}"
     bash scripts/rada/base2new_test.sh synthetic_shapes "$SEED" "${OPTIONS[@]}"
 done
-python scripts/parse_results.py "$OUTPUT" --protocol base2new --seeds $SEEDS
+FIGURES="$OUTPUT/figures"
+python scripts/parse_results.py "$OUTPUT" --protocol base2new --seeds $SEEDS --plot "$FIGURES/results.png"
+
+# The pictures of the first seed's head (trained on the base classes) on the new classes, and its training curves.
+SEED="${SEEDS%% *}"
+RUN="$(ls -d "$OUTPUT/base2new/train_base/synthetic_shapes/shots_16/$TRAINER"/*/"seed$SEED" | head -n 1)"
+CFG_NAME="$(basename "$(dirname "$RUN")")"
+python scripts/visualize.py --out "$FIGURES" --root "$DATA" --trainer "$TRAINER" \
+    --dataset-config-file configs/datasets/synthetic_shapes.yaml --config-file "configs/trainers/$TRAINER/$CFG_NAME.yaml" \
+    --model-dir "$RUN" --images 2 "${OPTIONS[@]}" DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES new
+python scripts/visualize.py --curves "$RUN" --out "$FIGURES"
+echo "[demo] figures in $FIGURES"
