@@ -45,33 +45,37 @@ _rada_use_venv() {
     RADA_PYTHON="$venv/bin/python"
 }
 
+_rada_has_dassl() {
+    "$1" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('dassl') is None)" 2>/dev/null
+}
+
 # Chosen already by the script that called this one (its PATH is inherited).
 if [ -n "${RADA_PYTHON:-}" ] && [ "$(command -v python)" = "$RADA_PYTHON" ] && { [ "${RADA_WITH_DASSL:-0}" != 1 ] \
-        || "$RADA_PYTHON" -c "import dassl" 2>/dev/null; }; then
+        || _rada_has_dassl "$RADA_PYTHON"; }; then
     return 0 2>/dev/null || exit 0
 fi
 if [ -n "${RADA_VENV:-}" ]; then
     _rada_use_venv "$RADA_VENV" "RADA_VENV is set"
 else
-    candidate="${PYTHON:-python}"
-    command -v "$candidate" >/dev/null 2>&1 || candidate=python3
-    probe="$(command -v "$candidate" >/dev/null 2>&1 && _rada_probe "$candidate" || true)"
-    probe="${probe:-missing: a working interpreter}"
-    found="${probe#ok: }"
-    if [ "$probe" != "$found" ] && [ -x "$(dirname "$found")/python" ]; then
-        RADA_PYTHON="$(dirname "$found")/python"
+    _rada_candidate="${PYTHON:-python}"
+    command -v "$_rada_candidate" >/dev/null 2>&1 || _rada_candidate=python3
+    _rada_probe_result="$(command -v "$_rada_candidate" >/dev/null 2>&1 && _rada_probe "$_rada_candidate" || true)"
+    _rada_probe_result="${_rada_probe_result:-missing: a working interpreter}"
+    _rada_found="${_rada_probe_result#ok: }"
+    if [ "$_rada_probe_result" != "$_rada_found" ] && [ -x "$(dirname "$_rada_found")/python" ]; then
+        RADA_PYTHON="$(dirname "$_rada_found")/python"
         echo "[setup] using your Python environment: $RADA_PYTHON (it has torch, clip and the rest;" \
              "RADA_VENV=DIR or RADA_SKIP_SETUP=1 to choose otherwise)" >&2
     else
-        reason="$candidate ($(command -v "$candidate" 2>/dev/null || echo 'not found')) lacks ${probe#missing: }"
-        [ "$probe" != "$found" ] && reason="$found has no \`python\` beside it"
-        echo "[setup] $reason. To run in your own environment instead, activate it with requirements.txt" \
+        _rada_reason="$_rada_candidate ($(command -v "$_rada_candidate" 2>/dev/null || echo 'not found')) lacks ${_rada_probe_result#missing: }"
+        [ "$_rada_probe_result" != "$_rada_found" ] && _rada_reason="$_rada_found has no \`python\` beside it"
+        echo "[setup] $_rada_reason. To run in your own environment instead, activate it with requirements.txt" \
              "installed (pip install -r requirements.txt), or set RADA_VENV=DIR or RADA_SKIP_SETUP=1." >&2
         _rada_use_venv "$REPO_ROOT/.venv" "the project environment"
     fi
 fi
 
-if [ "${RADA_WITH_DASSL:-0}" = 1 ] && ! "$RADA_PYTHON" -c "import dassl" 2>/dev/null; then
+if [ "${RADA_WITH_DASSL:-0}" = 1 ] && ! _rada_has_dassl "$RADA_PYTHON"; then
     echo "[setup] installing Dassl into $RADA_PYTHON from ${DASSL_SOURCE:=git+https://github.com/KaiyangZhou/Dassl.pytorch@c61a1b570ac6333bd50fb5ae06aea59002fb20bb}" >&2
     # --no-deps: Dassl pins old linters and tb-nightly; --no-build-isolation: its setup.py imports numpy.
     "$RADA_PYTHON" -m pip install --quiet --no-deps --no-build-isolation "$DASSL_SOURCE" || {
