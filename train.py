@@ -11,8 +11,10 @@ training output folder; without --load-epoch its latest checkpoint is used.
 """
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 
 DASSL_INSTALL = (
@@ -20,6 +22,11 @@ DASSL_INSTALL = (
     "  git clone https://github.com/KaiyangZhou/Dassl.pytorch\n"
     f"  {sys.executable} -m pip install --no-deps --no-build-isolation -e Dassl.pytorch\n"
     "(see README.md, 'Installing Dassl')."
+)
+
+# yacs's message when a value's type is not its default's.
+YACS_TYPE_MISMATCH = re.compile(
+    r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) for config key: (\S+)$"
 )
 
 
@@ -48,7 +55,7 @@ def parse_args(argv=None):
 def setup_cfg(args):
     from dassl.config import get_cfg_default
 
-    from trainers.config import extend_cfg
+    from trainers.config import extend_cfg, rule_of, widen_whole_numbers
     from trainers.core.errors import UserFacingError
 
     cfg = get_cfg_default()
@@ -77,13 +84,21 @@ def setup_cfg(args):
             if value is not None:
                 node, _, leaf = key.rpartition(".")
                 (cfg if not node else _node(cfg, node))[leaf] = value
-        cfg.merge_from_list(args.opts or [])
+        cfg.merge_from_list(widen_whole_numbers(cfg, args.opts or []))
     except (KeyError, ValueError, AssertionError) as error:
         message = str(error.args[0] if error.args else error)
         if isinstance(error, KeyError) or "Non-existent" in message:
             raise UserFacingError(
                 f"Unknown config key ({message}). Keys are declared in Dassl's defaults and trainers/config.py; "
                 "check the spelling."
+            ) from None
+        mismatch = YACS_TYPE_MISMATCH.match(message)
+        if mismatch:
+            default_type, given_type, default, given, key = mismatch.groups()
+            rule = rule_of(key)
+            raise UserFacingError(
+                f"{key} is {given} (a {given_type}); it must be {rule if rule else 'a ' + default_type}, "
+                f"like its default {default}."
             ) from None
         raise UserFacingError(f"Bad config override: {message}. Overrides are KEY VALUE pairs.") from None
     cfg.freeze()
@@ -97,16 +112,54 @@ def _node(cfg, dotted):
 
 
 def register_all(cfg):
-    """Register this project's datasets and trainers in Dassl; stop if cfg names an unknown trainer."""
+    """Register this project's datasets and trainers in Dassl, then check cfg against them (check_names_and_values)."""
+    from dassl.data.datasets import DATASET_REGISTRY
     from dassl.engine import TRAINER_REGISTRY
 
     import datasets.dassl_glue  # noqa: F401  (registers the datasets)
     import trainers.register  # noqa: F401  (registers the trainers)
+
+    check_names_and_values(cfg, TRAINER_REGISTRY, DATASET_REGISTRY)
+
+
+def check_names_and_values(cfg, trainer_registry, dataset_registry):
+    """What must hold before the trainer is built: a known trainer and dataset, and every value in its range
+    (trainers/config.py VALUE_RULES, and the PREC key the trainer reads)."""
+    from trainers.config import check_values
     from trainers.core.errors import UserFacingError
 
-    known = sorted(TRAINER_REGISTRY.registered_names())
-    if cfg.TRAINER.NAME not in known:
-        raise UserFacingError(f"Unknown trainer {cfg.TRAINER.NAME!r}. Known trainers: {', '.join(known)}.")
+    trainers = sorted(trainer_registry.registered_names())
+    if not cfg.TRAINER.NAME:
+        raise UserFacingError(f"--trainer is missing: name one of {', '.join(trainers)}.")
+    if cfg.TRAINER.NAME not in trainers:
+        raise UserFacingError(f"Unknown trainer {cfg.TRAINER.NAME!r}{_close_matches(cfg.TRAINER.NAME, trainers)}. "
+                              f"Known trainers: {', '.join(trainers)}.")
+    datasets = sorted(dataset_registry.registered_names())
+    if cfg.DATASET.NAME not in datasets:
+        raise UserFacingError(
+            f"DATASET.NAME {cfg.DATASET.NAME!r} is not a registered dataset"
+            f"{_close_matches(cfg.DATASET.NAME, datasets)}. "
+            f"Registered: {', '.join(datasets)} (pass --dataset-config-file configs/datasets/<name>.yaml)."
+        )
+    check_values(cfg, prec_node=getattr(trainer_registry.get(cfg.TRAINER.NAME), "PREC_NODE", None))
+
+
+def _close_matches(name, choices):
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def make_output_dir(cfg):
+    from trainers.core.errors import UserFacingError
+
+    try:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    except OSError as error:
+        raise UserFacingError(
+            f"OUTPUT_DIR (--output-dir) {cfg.OUTPUT_DIR} cannot be created ({error.strerror or error}): "
+            "choose a folder you can write to."
+        ) from None
 
 
 def run(args):
@@ -116,6 +169,7 @@ def run(args):
 
     cfg = setup_cfg(args)
     register_all(cfg)
+    make_output_dir(cfg)
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)

@@ -73,8 +73,22 @@ def check_layout(spec, root):
             "",
         )
     missing = first_missing(spec, root)
+    if missing == spec.dataset_dir(root) and _is_dataset_folder(spec, root):
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(root)))
+        raise DatasetLayoutError(
+            f"{spec.name}: --root {root} is the dataset folder itself; DATASET.ROOT (--root) is the folder that "
+            f"holds {spec.folder}/: pass --root {parent}",
+            missing,
+        )
     if missing is not None:
         raise layout_error(spec, root, missing)
+
+
+def _is_dataset_folder(spec, root):
+    """Whether root holds what its dataset folder should: a user passed that folder as root."""
+    root_dir = os.path.abspath(os.path.expanduser(root))
+    first = next(entry for entry in spec.entries if entry.required)
+    return os.path.basename(root_dir) == spec.folder or os.path.exists(os.path.join(root_dir, first.path))
 
 
 def require_file(spec, root, relpath, why):

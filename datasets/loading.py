@@ -16,7 +16,7 @@ import os
 
 from datasets import cache, readers
 from datasets.errors import DatasetFormatError
-from datasets.fewshot import check_subsample, sample_few_shot, subsample_classes
+from datasets.fewshot import check_subsample, group_by_label, sample_few_shot, subsample_classes
 from datasets.layout import check_images_exist, check_layout, require_file
 from datasets.records import ImageNetSubset, LoadedDataset
 from datasets.specs import (
@@ -137,6 +137,13 @@ def load_dataset(name, root, num_shots=-1, seed=-1, subsample="all"):
 
 
 def _few_shot(spec, root, train, val, num_shots, seed):
+    sizes = [len(items) for items in group_by_label(train).values()]
+    short = [size for size in sizes if size < num_shots]
+    if short:
+        logger.warning(
+            "DATASET.NUM_SHOTS is %d but %d of the %d classes of %s have fewer training images (the smallest %d): "
+            "those keep all of theirs.", num_shots, len(short), len(sizes), spec.name, min(short),
+        )
     keys = ("train",) if val is None else ("train", "val")
 
     def sample():

@@ -9,9 +9,14 @@
         result = run.evaluate()               # --eval-only --model-dir <train dir> on new classes
 
 `synthetic_data_root` and `tiny_clip_path` are fixtures of tests/conftest.py. Every run is a subprocess of `python train.py` with CoOp's command line; the options below
-only shrink the job (one epoch, 4 shots, no loader workers).
+only shrink the job (one epoch, 4 shots, no loader workers). `TrainRun(..., in_process=True)` calls
+`train.main(argv)` in the test's own process instead (no interpreter start, no torch and Dassl
+imports per run): for runs that end early, such as configuration errors.
 """
 
+import contextlib
+import io
+import logging
 import os
 import re
 import subprocess
@@ -47,9 +52,38 @@ class RunResult:
             return handle.read()
 
 
+class _Capture(io.StringIO):
+    def close(self):
+        """Kept open: Dassl's Logger closes its console (this) when it is collected."""
+
+
+def run_train_in_process(argv):
+    """(exit code, stdout + stderr) of train.main(argv) run in this process, on the CPU.
+
+    What train.py sets up for the whole process is undone afterwards: Dassl's log file replacing
+    sys.stdout, and the handlers of the root logger."""
+    import train
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    captured = _Capture()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            code = train.main([*argv, "USE_CUDA", "False"])
+            log_file = getattr(sys.stdout, "file", None)  # Dassl's Logger, when train.py got that far
+            if log_file is not None:
+                log_file.close()
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return code, captured.getvalue()
+
+
 class TrainRun:
-    def __init__(self, trainer, config, data_root, clip_path, workdir, dataset="synthetic_shapes", seed=1):
+    def __init__(self, trainer, config, data_root, clip_path, workdir, dataset="synthetic_shapes", seed=1,
+                 in_process=False):
         self.trainer, self.config, self.dataset, self.seed = trainer, config, dataset, seed
+        self.in_process = in_process
         self.data_root, self.clip_path, self.workdir = data_root, str(clip_path), str(workdir)
         self.train_dir = os.path.join(self.workdir, "train_base")
         self.test_dir = os.path.join(self.workdir, "test_new")
@@ -65,6 +99,8 @@ class TrainRun:
         ]
 
     def run(self, command, output_dir, timeout=600):
+        if self.in_process:
+            return RunResult(*run_train_in_process(command[2:]), output_dir)  # without python train.py
         env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         return RunResult(done.returncode, done.stdout + done.stderr, output_dir)

@@ -1,10 +1,26 @@
-"""Every config key this project adds to Dassl's defaults, with its default, in one place.
+"""Every config key this project adds to Dassl's defaults, with its typed default, and the rules
+its values must follow, in one place.
 
-`extend_cfg(cfg)` must run on Dassl's default config before any YAML is merged (yacs
-rejects unknown keys). It needs only yacs, so it is usable and testable without Dassl.
+`extend_cfg(cfg)` must run on Dassl's default config before any YAML is merged (yacs rejects
+unknown keys, and a value whose type differs from the default's). Where a trainer needs another
+value than the default, its YAML files under configs/trainers/<Trainer>/ say so.
+`check_values(cfg)` applies VALUE_RULES (the valid range of each key) and, given the trainer's
+precision node, the precision rule below. Only yacs is needed: usable and testable without Dassl.
+
+Precision: CLIP's precision is the PREC key of the trainer's family node, TRAINER.<node>.PREC,
+`node` being the trainer's PREC_NODE: COOP for ZeroshotCLIP, CoOp, RAdaCoOp and RAdaCoOpTTT (CoOp's
+own key), MAPLE for MaPLe and RAdaMaPLe (MaPLe's own key), RADA for RAda and RAdaTTT, ADAPTER for
+CLIPAdapter and RAdaAdapter, FT for FT, FLYP and RAdaFT. A PREC of another node that differs from
+its default would be ignored, so it is an error.
 """
 
 from yacs.config import CfgNode as CN
+
+from .core.errors import UserFacingError
+
+PRECISIONS = ("fp16", "fp32", "amp")
+PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
+OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
 
 
 def extend_cfg(cfg):
@@ -41,13 +57,12 @@ def extend_cfg(cfg):
     # CLIPAdapter and RAdaAdapter: residual bottleneck adapters on the image and text features.
     cfg.TRAINER.ADAPTER = CN()
     cfg.TRAINER.ADAPTER.REDUCTION = 4  # bottleneck width = feature width // REDUCTION
-    # Residual ratio r: features become (1 - r) * f + r * A(f). None takes the trainer's own:
-    # CLIPAdapter 0.2 (CLIP-Adapter's), RAdaAdapter 0.5 (after the L2 normalisation exactly the
-    # RAda authors' f + A(f)).
-    cfg.TRAINER.ADAPTER.RATIO = None
-    # Adapt the text features too. None takes the trainer's own: CLIPAdapter False (CLIP-Adapter
-    # adapts only the image features), RAdaAdapter True (the RAda authors adapt both).
-    cfg.TRAINER.ADAPTER.TEXT = None
+    # Residual ratio r: features become (1 - r) * f + r * A(f). 0.2 is CLIP-Adapter's; the RAdaAdapter
+    # configs set 0.5 (after the L2 normalisation exactly the RAda authors' f + A(f)).
+    cfg.TRAINER.ADAPTER.RATIO = 0.2
+    # Adapt the text features too. CLIP-Adapter adapts only the image features; the RAdaAdapter
+    # configs set True (the RAda authors adapt both).
+    cfg.TRAINER.ADAPTER.TEXT = False
     cfg.TRAINER.ADAPTER.PREC = "fp16"  # precision of CLIP; the adapters (and head) are fp32
 
     # Full fine-tuning (FT, FLYP, RAdaFT): CLIP's image encoder (and optionally its text encoder)
@@ -55,10 +70,10 @@ def extend_cfg(cfg):
     cfg.TRAINER.FT = CN()
     cfg.TRAINER.FT.PREC = "amp"  # amp or fp32; fp16 becomes amp (never fp16 weights under an optimiser)
     # "ce": cross-entropy over the class prompts; "flyp": FLYP's contrastive loss between images and
-    # class-name captions. None takes the trainer's own: FT and RAdaFT "ce", FLYP "flyp".
-    cfg.TRAINER.FT.OBJECTIVE = None
-    cfg.TRAINER.FT.TRAIN_TEXT_ENCODER = None  # None: the trainer's own (FLYP True, FT and RAdaFT False)
-    cfg.TRAINER.FT.TRAIN_LOGIT_SCALE = None  # None: trained exactly under the flyp objective (as FLYP)
+    # class-name captions. The FLYP configs set flyp, a trained text encoder and logit scale.
+    cfg.TRAINER.FT.OBJECTIVE = "ce"
+    cfg.TRAINER.FT.TRAIN_TEXT_ENCODER = False  # False: frozen, its class features computed once
+    cfg.TRAINER.FT.TRAIN_LOGIT_SCALE = False
     # Class prompts: a template set of trainers/core/prompts.py (e.g. "openai_imagenet", FLYP's 80), one
     # template with '{}', or "" for CoOp's zero-shot template of the dataset.
     cfg.TRAINER.FT.TEMPLATES = ""
@@ -84,3 +99,125 @@ def extend_cfg(cfg):
     cfg.TRAINER.TTT.AUGMIX = False
     cfg.TRAINER.TTT.ADAPT_PROMPTS = False  # also adapt the CoOp context (RAdaCoOpTTT); the head always adapts
     return cfg
+
+
+class Interval:
+    """Numbers from `low` to `high` (None: unbounded), each end open or closed; whole numbers only
+    with `integer`. Booleans are not numbers here."""
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False, integer=False):
+        self.low, self.high, self.low_open, self.high_open, self.integer = low, high, low_open, high_open, integer
+
+    def holds(self, value):
+        kinds = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self):
+        kind = "a whole number" if self.integer else "a number"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low}"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+class OneOf:
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def holds(self, value):
+        return value in self.choices
+
+    def __str__(self):
+        return f"one of {', '.join(map(str, self.choices))}"
+
+
+# The valid values of each key, Dassl's and ours. check_values skips keys a host program lacks.
+VALUE_RULES = (
+    ("DATALOADER.TRAIN_X.BATCH_SIZE", Interval(1, integer=True)),
+    ("DATALOADER.TEST.BATCH_SIZE", Interval(1, integer=True)),
+    ("DATALOADER.NUM_WORKERS", Interval(0, integer=True)),
+    ("OPTIM.LR", Interval(0)),
+    ("DATASET.SUBSAMPLE_CLASSES", OneOf("all", "base", "new")),
+    *((f"TRAINER.{node}.PREC", OneOf(*PRECISIONS)) for node in PREC_NODES),
+    ("TRAINER.COOP.CLASS_TOKEN_POSITION", OneOf("end", "middle", "front")),
+    ("TRAINER.RADA.ALPHA", Interval(0)),
+    ("TRAINER.RADA.TEMP", Interval(0, low_open=True)),
+    ("TRAINER.RADA.NUM_HEADS", Interval(1, integer=True)),  # and a divisor of the feature width
+    ("TRAINER.ADAPTER.REDUCTION", Interval(1, integer=True)),
+    ("TRAINER.ADAPTER.RATIO", Interval(0, 1, low_open=True)),
+    ("TRAINER.FT.OBJECTIVE", OneOf(*OBJECTIVES)),
+    ("TRAINER.FT.HEAD_LR", Interval(0, low_open=True)),
+    ("TRAINER.FT.WARMUP_STEPS", Interval(0, integer=True)),
+    ("TRAINER.TTT.STEPS", Interval(0, integer=True)),
+    ("TRAINER.TTT.N_VIEWS", Interval(0, integer=True)),
+    ("TRAINER.TTT.CONFIDENT_FRACTION", Interval(0, 1, low_open=True)),
+)
+
+
+def _lookup(cfg, key):
+    """The value of a dotted key, or KeyError when the config lacks it."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def widen_whole_numbers(cfg, opts):
+    """KEY VALUE overrides with a whole number given for a float key written as a float (yacs
+    refuses `OPTIM.LR 1` or `TRAINER.RADA.TEMP 0` as an int where the default is a float)."""
+    widened = list(opts)
+    for position in range(0, len(widened) - 1, 2):
+        try:
+            default = _lookup(cfg, widened[position])
+        except KeyError:
+            continue  # yacs names the unknown key
+        value = CN._decode_cfg_value(widened[position + 1])
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            widened[position + 1] = repr(float(value))
+    return widened
+
+
+def rule_of(key):
+    """The rule of VALUE_RULES for a key, or None."""
+    return dict(VALUE_RULES).get(key)
+
+
+def defaults():
+    """Our keys at their defaults (without Dassl's)."""
+    skeleton = CN()
+    skeleton.DATASET = CN()
+    skeleton.MODEL = CN()
+    skeleton.MODEL.BACKBONE = CN()
+    skeleton.TRAINER = CN()
+    return extend_cfg(skeleton)
+
+
+def check_values(cfg, prec_node=None):
+    """Raise UserFacingError naming every key whose value breaks its rule in VALUE_RULES, and, with
+    the precision node of the trainer, every PREC it would ignore (see the module docstring)."""
+    problems = []
+    for key, rule in VALUE_RULES:
+        try:
+            value = _lookup(cfg, key)
+        except KeyError:
+            continue
+        if not rule.holds(value):
+            problems.append(f"{key} is {value!r}; it must be {rule}")
+    if prec_node is not None:
+        default = defaults()
+        ignored = [
+            f"TRAINER.{node}.PREC" for node in PREC_NODES
+            if node != prec_node and cfg.TRAINER.get(node, {}).get("PREC") != default.TRAINER[node].PREC
+        ]
+        if ignored:
+            problems.append(
+                f"{cfg.TRAINER.NAME} takes CLIP's precision from TRAINER.{prec_node}.PREC and would ignore "
+                f"{' and '.join(ignored)} (set away from its default): set TRAINER.{prec_node}.PREC instead"
+            )
+    if problems:
+        raise UserFacingError("; ".join(problems) + ".")

@@ -19,9 +19,9 @@ import torch
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
-from torch.nn import functional as F
 from torchvision.transforms import Compose
 
+from .config import check_values
 from .core.checkpoint import (
     CHECKPOINT_POINTER,
     find_checkpoint,
@@ -32,7 +32,8 @@ from .core.checkpoint import (
 )
 from .core.clip_loader import clip_signature, describe_clip, load_clip
 from .core.errors import UserFacingError
-from .core.precision import PRECISIONS, Precision
+from .core.precision import Precision
+from .core.rada_head import rada_loss
 from .core.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def register_trainer(cls):
 class CLIPTrainer(TrainerX):
     """Base of all trainers here. Subclasses set PREC_NODE and implement build_classifier."""
 
-    # The config node whose PREC key sets CLIP's precision (TRAINER.<PREC_NODE>.PREC).
+    # The config node whose PREC key sets CLIP's precision, TRAINER.<PREC_NODE>.PREC (the rule is in
+    # trainers/config.py).
     PREC_NODE = "COOP"
 
     def __init__(self, cfg):
@@ -76,11 +78,8 @@ class CLIPTrainer(TrainerX):
         super().__init__(cfg)
 
     def check_cfg(self, cfg):
-        prec = cfg.TRAINER[self.PREC_NODE].PREC
-        if prec not in PRECISIONS:
-            raise UserFacingError(
-                f"TRAINER.{self.PREC_NODE}.PREC is {prec!r}; it must be one of {', '.join(PRECISIONS)}"
-            )
+        """Dassl calls this first in the constructor, before anything is built."""
+        check_values(cfg, prec_node=self.PREC_NODE)
 
     # ---- to be provided by subclasses -------------------------------------------------------
     def build_classifier(self, clip_model, classnames):
@@ -91,8 +90,13 @@ class CLIPTrainer(TrainerX):
         """{registered name: module}; each gets an optimiser and a checkpoint folder."""
         return {}
 
-    def compute_loss(self, output, labels):
-        return F.cross_entropy(output.logits, labels)
+    def forward_train(self, images, labels):
+        """(ClassifierOutput, targets of its logits) of a training batch."""
+        return self.model(images), labels
+
+    def compute_loss(self, output, targets):
+        """Cross-entropy, plus the mask penalty (TRAINER.RADA.ALPHA) when a RAda head made the logits."""
+        return rada_loss(output.logits, output.mask, targets, self.cfg.TRAINER.RADA.ALPHA)
 
     def precision_mode(self):
         """The PREC CLIP runs in; trainers that update CLIP's own weights may refuse some."""
@@ -154,13 +158,16 @@ class CLIPTrainer(TrainerX):
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)
         with self.precision.autocast():
-            output = self.model(images)
-            loss = self.compute_loss(output, labels)
+            output, targets = self.forward_train(images, labels)
+            loss = self.compute_loss(output, targets)
         self._backward_and_step(loss)
-        summary = self.training_summary(output, labels, loss)
+        self.step_schedulers()
+        return self.training_summary(output, targets, loss)
+
+    def step_schedulers(self):
+        """After each optimiser step; the OPTIM schedule counts epochs."""
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
-        return summary
 
     def training_summary(self, output, labels, loss):
         """What one training step reports; Dassl prints it and writes each entry to TensorBoard (train/<key>)."""
@@ -183,12 +190,16 @@ class CLIPTrainer(TrainerX):
             return self.model(images).logits
 
     # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, split):
+        """Accuracy on `split` ("val" or "test"): Dassl's evaluation loop over its loader."""
+        return super().test(split)
+
     def test(self, split=None):
-        accuracy = super().test(split)
         cfg = self.cfg
         evaluated = split or cfg.TEST.SPLIT
         if evaluated == "val" and self.val_loader is None:
             evaluated = "test"
+        accuracy = self.evaluate(evaluated)
         # Program output like Dassl's result block (printed, so it reaches log.txt in any host).
         print(
             f"* result: dataset={cfg.DATASET.NAME} subsample={cfg.DATASET.SUBSAMPLE_CLASSES} "

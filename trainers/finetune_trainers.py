@@ -1,15 +1,15 @@
 """Full fine-tuning trainers: FT, FLYP and RAdaFT.
 
 All three update CLIP's image encoder (and, by config, its text encoder) and classify the way
-zero-shot CLIP does, through class prompts and the text encoder; they differ only in defaults,
-so the head's effect and the objective's are each one setting apart:
+zero-shot CLIP does, through class prompts and the text encoder; they differ only in their
+configs (TRAINER.FT), so the head's effect and the objective's are each one setting apart:
 
 - FT: cross-entropy over the class prompts, text encoder frozen (its features cached).
 - FLYP: "finetune like you pretrain" (Goyal et al., CVPR 2023): CLIP's contrastive loss between
   the images of a batch and captions of their class names, both encoders and the logit scale
   trained.
 - RAdaFT: FT with the RAda head between the features and the logits; TRAINER.FT.OBJECTIVE flyp
-  trains it with FLYP's objective instead.
+  (with TRAIN_TEXT_ENCODER and TRAIN_LOGIT_SCALE True) trains it with FLYP's objective instead.
 
 Each trained module gets its own optimiser (decayed weight matrices; no decay on norms, biases,
 embeddings and the logit scale) and a per-step warm-up + cosine schedule (FLYP's); CLIP's weights
@@ -17,15 +17,12 @@ stay float32 under every optimiser (PREC amp or fp32).
 """
 
 import logging
-from typing import NamedTuple
 
 import torch
 from dassl.optim import build_optimizer
 
-from .engine import CLIPTrainer, register_trainer
 from .core.errors import UserFacingError
 from .core.finetune import (
-    OBJECTIVES,
     LogitScale,
     check_master_weights,
     checkpoint_blocks,
@@ -38,46 +35,21 @@ from .core.finetune import (
 )
 from .core.model import CLIPClassifier
 from .core.prompts import FixedPrompts, resolve_templates
+from .engine import CLIPTrainer, register_trainer
 from .rada_trainers import RAdaMixin
 
 logger = logging.getLogger(__name__)
 
 
-class FineTuneSettings(NamedTuple):
-    objective: str
-    train_text_encoder: bool
-    train_logit_scale: bool
-
-
 class FineTuneTrainer(CLIPTrainer):
-    """What FT, FLYP and RAdaFT share (TRAINER.FT); subclasses set the defaults used where the
-    config says None."""
+    """What FT, FLYP and RAdaFT share; TRAINER.FT says what trains and with which objective (the
+    trainers' configs set their values)."""
 
     PREC_NODE = "FT"
-    DEFAULT_OBJECTIVE = "ce"
-    DEFAULT_TRAIN_TEXT = False
-
-    @classmethod
-    def settings(cls, cfg):
-        ft = cfg.TRAINER.FT
-        objective = cls.DEFAULT_OBJECTIVE if ft.OBJECTIVE is None else ft.OBJECTIVE
-        train_text = cls.DEFAULT_TRAIN_TEXT if ft.TRAIN_TEXT_ENCODER is None else ft.TRAIN_TEXT_ENCODER
-        train_scale = objective == "flyp" if ft.TRAIN_LOGIT_SCALE is None else ft.TRAIN_LOGIT_SCALE
-        return FineTuneSettings(objective, train_text, train_scale)
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        ft, optim = cfg.TRAINER.FT, cfg.OPTIM
-        settings = self.settings(cfg)
-        if settings.objective not in OBJECTIVES:
-            raise UserFacingError(f"TRAINER.FT.OBJECTIVE is {settings.objective!r}; it must be one of {', '.join(OBJECTIVES)}.")
-        for key in ("TRAIN_TEXT_ENCODER", "TRAIN_LOGIT_SCALE", "GRAD_CHECKPOINTING", "IMAGENET_SUBSET_EVAL"):
-            if ft[key] is not None and not isinstance(ft[key], bool):
-                raise UserFacingError(f"TRAINER.FT.{key} is {ft[key]!r}; it must be True or False.")
-        if isinstance(ft.HEAD_LR, bool) or not isinstance(ft.HEAD_LR, (int, float)) or ft.HEAD_LR <= 0:
-            raise UserFacingError(f"TRAINER.FT.HEAD_LR is {ft.HEAD_LR!r}; it must be a positive number.")
-        if isinstance(ft.WARMUP_STEPS, bool) or not isinstance(ft.WARMUP_STEPS, int) or ft.WARMUP_STEPS < 0:
-            raise UserFacingError(f"TRAINER.FT.WARMUP_STEPS is {ft.WARMUP_STEPS!r}; it must be a whole number >= 0.")
+        optim = cfg.OPTIM
         if optim.LR_SCHEDULER != "cosine" or optim.WARMUP_EPOCH > 0:
             raise UserFacingError(
                 f"{type(self).__name__} warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine: "
@@ -85,12 +57,22 @@ class FineTuneTrainer(CLIPTrainer):
                 f"{optim.WARMUP_EPOCH})."
             )
         try:
-            resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME)
+            resolve_templates(cfg.TRAINER.FT.TEMPLATES, cfg.DATASET.NAME)
         except ValueError as error:
             raise UserFacingError(f"TRAINER.FT.TEMPLATES: {error}.") from None
 
     def precision_mode(self):
         return finetune_precision(self.cfg.TRAINER.FT.PREC)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def build_data_loader(self):
+        """Also decides, from the test set, over which classes the model classifies."""
+        super().build_data_loader()
+        cfg = self.cfg
+        self.imagenet_subset = None
+        if cfg.TRAINER.FT.IMAGENET_SUBSET_EVAL:
+            self.imagenet_subset = getattr(self.dm.dataset, "imagenet_subset", None)
+        self.subset_index = None if self.imagenet_subset is None else subset_index(self.imagenet_subset.members)
 
     # ---- model --------------------------------------------------------------------------------
     def build_head(self):
@@ -98,10 +80,7 @@ class FineTuneTrainer(CLIPTrainer):
         return None
 
     def build_classifier(self, clip_model, classnames):
-        cfg, ft = self.cfg, self.cfg.TRAINER.FT
-        self.ft_settings = self.settings(cfg)
-        self.subset_index = None
-        subset = getattr(self.dm.dataset, "imagenet_subset", None) if ft.IMAGENET_SUBSET_EVAL else None
+        cfg, ft, subset = self.cfg, self.cfg.TRAINER.FT, self.imagenet_subset
         if subset is not None:
             logger.info(
                 "%s covers %d of the %d ImageNet classes of its classnames.txt: classifying over all of them and "
@@ -109,17 +88,14 @@ class FineTuneTrainer(CLIPTrainer):
                 cfg.DATASET.NAME, len(subset.members), len(subset.imagenet_classnames),
             )
             classnames = list(subset.imagenet_classnames)
-            self.subset_index = subset_index(subset.members)
         prompts = FixedPrompts(classnames, resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME))
         model = CLIPClassifier(clip_model, prompts, head=self.build_head())
         if ft.GRAD_CHECKPOINTING:
             self._checkpoint_encoders(model)
-        self.logit_scale_module = LogitScale(model.logit_scale) if self.ft_settings.train_logit_scale else None
-        settings = self.ft_settings
         logger.info(
             "Fine-tuning with the %s objective: image encoder trained, text encoder %s, logit scale %s, %s",
-            settings.objective, "trained" if settings.train_text_encoder else "frozen (class features cached)",
-            "trained" if settings.train_logit_scale else "fixed",
+            ft.OBJECTIVE, "trained" if ft.TRAIN_TEXT_ENCODER else "frozen (class features cached)",
+            "trained" if ft.TRAIN_LOGIT_SCALE else "fixed",
             "RAda head" if model.head is not None else "no head",
         )
         return model
@@ -130,15 +106,16 @@ class FineTuneTrainer(CLIPTrainer):
             checkpoint_blocks(visual.transformer)
         else:
             logger.warning("Gradient checkpointing covers transformer blocks; the ResNet image encoder runs as usual")
-        if self.ft_settings.train_text_encoder:
+        if self.cfg.TRAINER.FT.TRAIN_TEXT_ENCODER:
             checkpoint_blocks(model.text_encoder.transformer)
 
     def trainable_modules(self):
+        ft = self.cfg.TRAINER.FT
         modules = {"image_encoder": self.model.image_encoder}
-        if self.ft_settings.train_text_encoder:
+        if ft.TRAIN_TEXT_ENCODER:
             modules["text_encoder"] = self.model.text_encoder
-        if self.logit_scale_module is not None:
-            modules["logit_scale"] = self.logit_scale_module
+        if ft.TRAIN_LOGIT_SCALE:
+            modules["logit_scale"] = LogitScale(self.model.logit_scale)
         if self.model.head is not None:
             modules["rada_head"] = self.model.head
         return modules
@@ -168,26 +145,24 @@ class FineTuneTrainer(CLIPTrainer):
                            "reaches its peak. Lower TRAINER.FT.WARMUP_STEPS.", warmup, total)
         super().train()
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
-        with self.precision.autocast():
-            if self.ft_settings.objective == "flyp":
-                output = self.caption_logits(images, labels)
-                targets = torch.arange(labels.shape[0], device=labels.device)
-                loss = flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA)
-            else:
-                output, targets = self.model(images), labels
-                loss = self.compute_loss(output, labels)
-        self._backward_and_step(loss)
-        for name in self.get_model_names():
-            self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
-        return self.training_summary(output, targets, loss)
-
-    def caption_logits(self, images, labels):
-        """ClassifierOutput of the batch's images against one caption of each image's class (B x B)."""
+    def forward_train(self, images, labels):
+        """Under the flyp objective: the batch's images against one caption of each image's class
+        (B x B logits, image i's caption in column i)."""
+        if self.cfg.TRAINER.FT.OBJECTIVE != "flyp":
+            return super().forward_train(images, labels)
         model = self.model
         captions = model.prompts.caption_features(model.text_encoder, labels)
-        return model.classify(model.encode_image(images), captions)
+        output = model.classify(model.encode_image(images), captions)
+        return output, torch.arange(labels.shape[0], device=labels.device)
+
+    def compute_loss(self, output, targets):
+        if self.cfg.TRAINER.FT.OBJECTIVE != "flyp":
+            return super().compute_loss(output, targets)
+        return flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA)
+
+    def step_schedulers(self):
+        for name in self.get_model_names():
+            self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
 
     def model_inference(self, images):
         logits = super().model_inference(images)
@@ -204,12 +179,9 @@ class FLYP(FineTuneTrainer):
     """Finetune like you pretrain: both encoders and the logit scale trained with the contrastive
     loss between images and captions of their class names; evaluated zero-shot style."""
 
-    DEFAULT_OBJECTIVE = "flyp"
-    DEFAULT_TRAIN_TEXT = True
-
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        if self.settings(cfg).objective != "flyp":
+        if cfg.TRAINER.FT.OBJECTIVE != "flyp":
             raise UserFacingError(
                 "FLYP trains with the flyp objective; for cross-entropy with a trained text encoder use "
                 "--trainer FT TRAINER.FT.TRAIN_TEXT_ENCODER True."

@@ -1,19 +1,17 @@
 """RAda trainers: the head on frozen CLIP with hand-crafted prompts, and on CoOp prompts."""
 
-from .engine import CLIPTrainer, register_trainer
 from .core.model import CLIPClassifier
 from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
-from .core.rada_head import RAdaHead, rada_head, rada_loss
+from .core.rada_head import RAdaHead, rada_head
+from .engine import CLIPTrainer, register_trainer
 
 
 class RAdaMixin:
-    """What every RAda trainer shares: one head configuration and one loss."""
+    """What every RAda trainer shares: one head configuration (its loss is CLIPTrainer.compute_loss,
+    which adds the mask penalty whenever a head made the logits)."""
 
     def build_head(self):
         return rada_head(self.cfg, self.backbone["embed_dim"])
-
-    def compute_loss(self, output, labels):
-        return rada_loss(output.logits, output.mask, labels, self.cfg.TRAINER.RADA.ALPHA)
 
     def training_summary(self, output, labels, loss):
         # The regulariser's value whatever ALPHA weighs it with: how far the mask has moved from 1.

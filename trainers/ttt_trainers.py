@@ -1,7 +1,7 @@
 """Test-time training trainers (Dassl glue): RAdaTTT and RAdaCoOpTTT.
 
 Each one is the trainer whose classifier it adapts (RAda: hand-crafted prompts and the head;
-RAdaCoOp: CoOp's context and the head) with inference replaced by per-image test-time training
+RAdaCoOp: CoOp's context and the head) with evaluation replaced by per-image test-time training
 (trainers/core/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
 without --model-dir it starts from the identity head (the paper's "RAda"), with --model-dir
 from a training run of that trainer (the paper's "RAda†"). The optimiser is OPTIM.*.
@@ -19,33 +19,26 @@ import torch
 from torchvision import transforms as T
 
 from .core.checkpoint import CHECKPOINT_POINTER
-from .engine import register_trainer
 from .core.errors import UserFacingError
-from .rada_trainers import RAda, RAdaCoOp
 from .core.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
+from .engine import CLIPTrainer, register_trainer
+from .rada_trainers import RAda, RAdaCoOp
 
 logger = logging.getLogger(__name__)
 
 
-class TestTimeTrainingMixin:
-    """Turns a CLIPTrainer subclass whose classifier has a RAda head into its test-time trainer;
-    list it first among the bases."""
+class TestTimeTrainer(CLIPTrainer):
+    """Test-time training of the classifier of another trainer of this project, whose classifier has
+    a RAda head. A registered trainer lists both: `class RAdaTTT(TestTimeTrainer, RAda)`. The two
+    override disjoint hooks (this class: checks, data, model set-up, loading, training and
+    evaluation; the other: the classifier and its modules), so the order of the bases does not matter.
+    """
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        ttt = cfg.TRAINER.TTT
-        problems = []
-        if ttt.STEPS < 0:
-            problems.append(f"TRAINER.TTT.STEPS must be >= 0, got {ttt.STEPS}")
-        if ttt.N_VIEWS < 0:
-            problems.append(f"TRAINER.TTT.N_VIEWS must be >= 0, got {ttt.N_VIEWS}")
-        if not 0 < ttt.CONFIDENT_FRACTION <= 1:
-            problems.append(f"TRAINER.TTT.CONFIDENT_FRACTION must be in (0, 1], got {ttt.CONFIDENT_FRACTION}")
         if cfg.OPTIM.WARMUP_EPOCH > 0:
             # A warm-up scheduler would replace OPTIM.LR by its warm-up rate for every image.
-            problems.append("test-time training has no epochs to warm up: set OPTIM.WARMUP_EPOCH 0")
-        if problems:
-            raise UserFacingError("; ".join(problems))
+            raise UserFacingError("test-time training has no epochs to warm up: set OPTIM.WARMUP_EPOCH 0")
 
     def build_data_loader(self):
         super().build_data_loader()
@@ -100,58 +93,56 @@ class TestTimeTrainingMixin:
                     "To start from a trained model, use --eval-only --model-dir DIR.")
         self.test()
 
-    def test(self, split=None):
+    @torch.no_grad()
+    def evaluate(self, split):
+        """Test-time train on each image of the split in turn; its accuracy, and the zero-shot one."""
         cfg, ttt = self.cfg, self.cfg.TRAINER.TTT
-        split = split or cfg.TEST.SPLIT
-        loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
-        self.test_time_adapter = TestTimeAdapter(
+        loader = self.val_loader if split == "val" else self.test_loader
+        adapter = TestTimeAdapter(
             self.model, [self._optims[name] for name in self.adapted_names], steps=ttt.STEPS,
             confident_fraction=ttt.CONFIDENT_FRACTION, autocast=self.precision.autocast,
             scaler=self.scaler if self.scaler.is_enabled() else None,
         )
-        self.tally = TestTimeTally(len(loader.dataset))
+        tally = TestTimeTally(len(loader.dataset))
         views = f"{ttt.N_VIEWS} random resized crops{' with AugMix' if ttt.AUGMIX else ''}"
         logger.info(
             f"Test-time training of {', '.join(self.adapted_names)} on {len(loader.dataset)} images: per image the "
             f"original and {views}, the most confident {ttt.CONFIDENT_FRACTION:.0%} kept, {ttt.STEPS} step(s) "
             f"of {cfg.OPTIM.NAME} at lr {cfg.OPTIM.LR:g}"
         )
-        accuracy = super().test(split)
-        zero_shot = self.tally.zero_shot_accuracy
-        print(f"* zero-shot accuracy: {zero_shot:.2f}% (the same model before test-time training; "
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        print(f"Evaluate on the *{split}* set")
+        frequency = max(cfg.TRAIN.PRINT_FREQ, 1)
+        for batch in loader:
+            batch_views, labels = self.parse_batch_test(batch)  # (B, 1 + N, C, H, W) views per image
+            with torch.enable_grad():
+                predictions = [adapter.adapt_and_predict(image_views) for image_views in batch_views]
+            adapted = torch.cat([p.adapted for p in predictions])
+            seen_before = tally.seen
+            tally.update(torch.cat([p.initial for p in predictions]), adapted, labels)
+            self.evaluator.process(adapted, labels)
+            if tally.seen // frequency > seen_before // frequency or tally.seen == tally.total:
+                logger.info(tally.progress())
+        results = self.evaluator.evaluate()
+        for name, value in results.items():
+            self.write_scalar(f"{split}/{name}", value, self.epoch)
+        accuracy = list(results.values())[0]
+        print(f"* zero-shot accuracy: {tally.zero_shot_accuracy:.2f}% (the same model before test-time training; "
               f"after: {accuracy:.2f}%)")
-        self.write_scalar(f"{split}/zero_shot_accuracy", zero_shot, self.epoch)
+        self.write_scalar(f"{split}/zero_shot_accuracy", tally.zero_shot_accuracy, self.epoch)
         return accuracy
-
-    def parse_batch_test(self, batch):
-        views, labels = super().parse_batch_test(batch)
-        self._batch_labels = labels  # model_inference counts the zero-shot predictions against them
-        return views, labels
-
-    def model_inference(self, views):
-        """Test-time train on each image of a (B, 1 + N, C, H, W) batch of views; Dassl's test()
-        calls this under no_grad, so gradients are switched back on here."""
-        with torch.enable_grad():
-            predictions = [self.test_time_adapter.adapt_and_predict(image_views) for image_views in views]
-        initial = torch.cat([p.initial for p in predictions])
-        adapted = torch.cat([p.adapted for p in predictions])
-        seen_before = self.tally.seen
-        self.tally.update(initial, adapted, self._batch_labels)
-        frequency = max(self.cfg.TRAIN.PRINT_FREQ, 1)
-        if self.tally.seen // frequency > seen_before // frequency or self.tally.seen == self.tally.total:
-            logger.info(self.tally.progress())
-        return adapted
 
 
 @register_trainer
-class RAdaTTT(TestTimeTrainingMixin, RAda):
+class RAdaTTT(TestTimeTrainer, RAda):
     """Test-time training of RAda's classifier: hand-crafted prompts and the head (the head adapts)."""
 
     SOURCE = "RAda"
 
 
 @register_trainer
-class RAdaCoOpTTT(TestTimeTrainingMixin, RAdaCoOp):
+class RAdaCoOpTTT(TestTimeTrainer, RAdaCoOp):
     """Test-time training of RAdaCoOp's classifier: the head adapts, and the CoOp context too with
     TRAINER.TTT.ADAPT_PROMPTS True."""
 

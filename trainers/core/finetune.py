@@ -14,11 +14,9 @@ from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
-from .rada_head import RAdaHead
+from .rada_head import mask_penalty
 
 logger = logging.getLogger(__name__)
-
-OBJECTIVES = ("ce", "flyp")
 
 # Parameters that shape features rather than mix them get no weight decay: those of normalisation
 # layers and embedding tables, biases and other vectors, and these parameters of CLIP by name.
@@ -144,12 +142,9 @@ def contrastive_loss(logits_per_image):
 
 
 def flyp_loss(logits_per_image, mask=None, alpha=0.0):
-    """FLYP's contrastive loss, plus alpha times the RAda mask regulariser when a head made the
-    logits (the same term `rada_loss` adds to the cross-entropy)."""
-    loss = contrastive_loss(logits_per_image)
-    if mask is not None and alpha:
-        loss = loss + alpha * RAdaHead.mask_regularizer(mask)
-    return loss
+    """FLYP's contrastive loss plus the mask penalty of a head that made the logits (the term
+    `rada_loss` adds to the cross-entropy)."""
+    return contrastive_loss(logits_per_image) + mask_penalty(mask, alpha)
 
 
 # ---- class subsets of ImageNet --------------------------------------------------------------------

@@ -16,9 +16,9 @@ import logging
 import torch
 from clip.model import convert_weights
 
-logger = logging.getLogger(__name__)
+from ..config import PRECISIONS
 
-PRECISIONS = ("fp16", "fp32", "amp")
+logger = logging.getLogger(__name__)
 
 
 class Precision:

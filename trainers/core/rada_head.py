@@ -25,6 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .errors import UserFacingError
 from .precision import autocast_enabled
 
 # Score elements (B * H * rows * K) per block; bounds the scratch memory of one block.
@@ -214,15 +215,26 @@ class RAdaHead(nn.Module):
         return (mask - 1.0).abs().flatten(1).amax(dim=1).mean()
 
 
+def mask_penalty(mask, alpha):
+    """alpha times the mask regulariser: the term every RAda objective adds to its loss (0 without
+    a head, mask None, or with alpha 0)."""
+    if mask is None or not alpha:
+        return 0.0
+    return alpha * RAdaHead.mask_regularizer(mask)
+
+
 def rada_loss(logits, mask, labels, alpha):
-    """Cross-entropy plus alpha times the mask regulariser (the authors' training objective)."""
-    loss = F.cross_entropy(logits, labels)
-    if alpha:
-        loss = loss + alpha * RAdaHead.mask_regularizer(mask)
-    return loss
+    """Cross-entropy plus the mask penalty (the authors' training objective)."""
+    return F.cross_entropy(logits, labels) + mask_penalty(mask, alpha)
 
 
 def rada_head(cfg, embed_dim):
     """The RAdaHead that TRAINER.RADA describes, for features of width embed_dim."""
     rada = cfg.TRAINER.RADA
+    if embed_dim % rada.NUM_HEADS:
+        divisors = [n for n in range(1, min(embed_dim, 64) + 1) if embed_dim % n == 0]
+        raise UserFacingError(
+            f"TRAINER.RADA.NUM_HEADS is {rada.NUM_HEADS}; it must divide the feature width {embed_dim} of this "
+            f"CLIP (e.g. {', '.join(map(str, divisors))})."
+        )
     return RAdaHead(embed_dim, num_heads=rada.NUM_HEADS, temperature=rada.TEMP)
