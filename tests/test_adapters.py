@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -158,25 +159,19 @@ def merged_cfg(path):
 
 
 @requires_dassl
-def test_each_trainer_resolves_its_own_defaults():
-    from dassl.engine import TRAINER_REGISTRY
-
-    import trainers.register  # noqa: F401
-
-    clip_adapter, rada_adapter = TRAINER_REGISTRY.get("CLIPAdapter"), TRAINER_REGISTRY.get("RAdaAdapter")
-    cfg = merged_cfg("configs/trainers/RAda/vit_b16_ep5.yaml")  # says nothing about adapters
-    assert clip_adapter.adapter_settings(cfg) == {"ratio": 0.2, "adapt_text": False}
-    assert rada_adapter.adapter_settings(cfg) == {"ratio": 0.5, "adapt_text": True}
+def test_each_trainer_has_its_values_in_its_config():
+    cfg = merged_cfg("configs/trainers/RAda/vit_b16_ep5.yaml")  # says nothing about adapters: the defaults
+    assert (cfg.TRAINER.ADAPTER.RATIO, cfg.TRAINER.ADAPTER.TEXT) == (0.2, False)  # CLIP-Adapter's
+    rada_adapter = merged_cfg("configs/trainers/RAdaAdapter/vit_b16_ep5.yaml")
+    assert (rada_adapter.TRAINER.ADAPTER.RATIO, rada_adapter.TRAINER.ADAPTER.TEXT) == (0.5, True)
     cfg.merge_from_list(["TRAINER.ADAPTER.RATIO", "0.3", "TRAINER.ADAPTER.TEXT", "True"])
-    assert clip_adapter.adapter_settings(cfg) == {"ratio": 0.3, "adapt_text": True}
+    assert (cfg.TRAINER.ADAPTER.RATIO, cfg.TRAINER.ADAPTER.TEXT) == (0.3, True)
 
 
 @requires_dassl
 @pytest.mark.parametrize("key,value,message", [
     ("TRAINER.ADAPTER.RATIO", "0.0", "RATIO is 0.0"),
     ("TRAINER.ADAPTER.RATIO", "1.5", "RATIO is 1.5"),
-    ("TRAINER.ADAPTER.RATIO", "half", "RATIO is 'half'"),
-    ("TRAINER.ADAPTER.TEXT", "yes", "TEXT is 'yes'"),
     ("TRAINER.ADAPTER.REDUCTION", "0", "REDUCTION is 0"),
 ])
 def test_bad_adapter_settings_are_refused_before_anything_is_built(key, value, message):
@@ -185,12 +180,25 @@ def test_bad_adapter_settings_are_refused_before_anything_is_built(key, value, m
     import trainers.register  # noqa: F401
     from trainers.core.errors import UserFacingError
 
-    # A config that leaves the adapter keys at None, so yacs accepts a value of any type.
-    cfg = merged_cfg("configs/trainers/RAda/vit_b16_ep5.yaml")
+    cfg = merged_cfg("configs/trainers/RAdaAdapter/vit_b16_ep5.yaml")
     cfg.merge_from_list([key, value])
     trainer = TRAINER_REGISTRY.get("RAdaAdapter")
     with pytest.raises(UserFacingError, match=message):
         trainer.__new__(trainer).check_cfg(cfg)  # Dassl calls it first thing in the constructor
+
+
+@requires_dassl
+@pytest.mark.parametrize("key,value,message", [
+    ("TRAINER.ADAPTER.RATIO", "half", "TRAINER.ADAPTER.RATIO is half (a str); it must be a number in (0, 1]"),
+    ("TRAINER.ADAPTER.TEXT", "yes", "TRAINER.ADAPTER.TEXT is yes (a str); it must be a bool"),
+])
+def test_values_of_another_type_are_refused_by_yacs_with_the_key(key, value, message):
+    import train
+    from trainers.core.errors import UserFacingError
+
+    args = train.parse_args(["--config-file", "configs/trainers/RAdaAdapter/vit_b16_ep5.yaml", key, value])
+    with pytest.raises(UserFacingError, match=re.escape(message)):
+        train.setup_cfg(args)
 
 
 @requires_dassl
@@ -203,6 +211,7 @@ def test_shipped_configs(trainer, ratio, text):
 
 
 
+@pytest.mark.e2e
 @requires_dassl
 @pytest.mark.parametrize("trainer,modules,sides", [
     ("CLIPAdapter", ["adapter"], ["image"]),

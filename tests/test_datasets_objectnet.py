@@ -171,6 +171,7 @@ def test_prepare_check_counts_the_shared_images(tree, capsys):
     assert get_spec("ObjectNet").border == 2
 
 
+@pytest.mark.e2e
 @requires_dassl
 def test_fine_tuned_model_evaluates_objectnet_over_imagenet_classes(tmp_path, tiny_clip_path):
     root = tmp_path / "data"

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import requires_dassl
 from tests.train_harness import FAST_OPTIONS, REPO
 
@@ -124,6 +126,7 @@ def run_host(host, data_root, clip_path, output_dir):
     return subprocess.run(command, cwd=host, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_two_lines_add_rada_trainers_to_a_coop_checkout(synthetic_data_root, tiny_clip_path, tmp_path):
     host = str(tmp_path / "host")
     make_host(host, with_plugin=True)
@@ -138,6 +141,7 @@ def test_two_lines_add_rada_trainers_to_a_coop_checkout(synthetic_data_root, tin
     assert os.path.isfile(tmp_path / "out" / "rada_head" / "model.pth.tar-1")
 
 
+@pytest.mark.e2e
 def test_without_the_two_lines_the_host_does_not_know_rada(synthetic_data_root, tiny_clip_path, tmp_path):
     host = str(tmp_path / "host")
     make_host(host, with_plugin=False)

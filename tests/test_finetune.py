@@ -36,7 +36,7 @@ from trainers.core.prompts import (
     fill_template,
     resolve_templates,
 )
-from trainers.core.rada_head import RAdaHead
+from trainers.core.rada_head import RAdaHead, mask_penalty, rada_loss
 from trainers.core.text_encoder import TextEncoder
 from trainers.core.tiny_clip import TINY_EMBED_DIM
 
@@ -297,6 +297,15 @@ def test_flyp_loss_adds_the_mask_regulariser():
     assert torch.allclose(flyp_loss(logits, mask, alpha=0.5), expected)
 
 
+def test_flyp_and_rada_losses_add_the_same_mask_penalty():
+    torch.manual_seed(3)
+    logits, mask, labels = torch.randn(3, 3), 1 + 0.1 * torch.randn(3, 3, 8), torch.tensor([0, 2, 1])
+    penalty = mask_penalty(mask, 0.5)
+    assert torch.equal(flyp_loss(logits, mask, 0.5), contrastive_loss(logits) + penalty)
+    assert torch.equal(rada_loss(logits, mask, labels, 0.5), F.cross_entropy(logits, labels) + penalty)
+    assert mask_penalty(None, 0.5) == 0.0 and mask_penalty(mask, 0.0) == 0.0
+
+
 # ---- schedule -------------------------------------------------------------------------------------
 
 def test_warmup_then_cosine_per_step_and_resumable():
@@ -348,6 +357,7 @@ def changed_keys(original, checkpoint):
     return {key for key, value in checkpoint["state_dict"].items() if not torch.equal(value, original[key].float())}
 
 
+@pytest.mark.e2e
 @requires_dassl
 @pytest.mark.parametrize("trainer, options, modules", [
     ("FT", ("TRAINER.FT.PREC", "fp16"), ["image_encoder"]),
@@ -386,11 +396,13 @@ def test_train_one_epoch_then_evaluate_new_classes(trainer, options, modules, sy
     assert "subsample=new" in evaluated.log and "# classes  5" in evaluated.log and evaluated.accuracy is not None
 
 
+@pytest.mark.e2e
 @requires_dassl
 def test_rada_head_trains_with_flyps_objective_and_checkpointed_encoders(synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun("RAdaFT", CONFIG, synthetic_data_root, tiny_clip_path, tmp_path)
     trained = run.train("TRAINER.FT.OBJECTIVE", "flyp", "TRAINER.FT.TRAIN_TEXT_ENCODER", "True",
-                        "TRAINER.FT.GRAD_CHECKPOINTING", "True", "TRAINER.FT.TEMPLATES", "openai_imagenet")
+                        "TRAINER.FT.TRAIN_LOGIT_SCALE", "True", "TRAINER.FT.GRAD_CHECKPOINTING", "True",
+                        "TRAINER.FT.TEMPLATES", "openai_imagenet")
     assert_clean(trained)
     assert "Fine-tuning with the flyp objective: image encoder trained, text encoder trained, logit scale trained, RAda head" in trained.log
     assert "Prompts (5 classes x 80 templates)" in trained.log
@@ -406,6 +418,7 @@ def imagenet_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.e2e
 @requires_dassl
 def test_imagenet_fine_tuning_evaluates_on_a_class_subset(imagenet_root, tiny_clip_path, tmp_path):
     trained_run = TrainRun("FT", CONFIG, imagenet_root, tiny_clip_path, tmp_path, dataset="imagenet")
@@ -429,6 +442,6 @@ def test_imagenet_fine_tuning_evaluates_on_a_class_subset(imagenet_root, tiny_cl
     (("TRAINER.FT.TEMPLATES", "openai"), "TRAINER.FT.TEMPLATES: 'openai' is neither a template"),
 ])
 def test_bad_fine_tuning_settings_are_named(options, message, synthetic_data_root, tiny_clip_path, tmp_path):
-    result = TrainRun("FT", CONFIG, synthetic_data_root, tiny_clip_path, tmp_path).train(*options)
+    result = TrainRun("FT", CONFIG, synthetic_data_root, tiny_clip_path, tmp_path, in_process=True).train(*options)
     assert result.returncode == 2 and "Traceback" not in result.output
     assert message in result.output

@@ -274,6 +274,7 @@ def assert_clean(result):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.e2e
 @requires_dassl
 @pytest.mark.parametrize("trainer,modules", [
     ("MaPLe", ["prompt_learner"]),
@@ -308,8 +309,10 @@ def test_unsuitable_backbones_end_in_a_clear_message(
 ):
     from tests.train_harness import TrainRun
 
-    resnet = TrainRun("MaPLe", MAPLE_CFG, synthetic_data_root, tiny_resnet_clip_path, tmp_path / "rn").train()
-    too_deep = TrainRun("RAdaMaPLe", MAPLE_CFG, synthetic_data_root, tiny_clip_path, tmp_path / "vit").train()
+    resnet = TrainRun("MaPLe", MAPLE_CFG, synthetic_data_root, tiny_resnet_clip_path, tmp_path / "rn",
+                      in_process=True).train()
+    too_deep = TrainRun("RAdaMaPLe", MAPLE_CFG, synthetic_data_root, tiny_clip_path, tmp_path / "vit",
+                        in_process=True).train()
     for result, phrase in ((resnet, "needs a ViT"), (too_deep, "PROMPT_DEPTH is 9")):
         assert result.returncode == 2 and "Traceback" not in result.output, result.output[-3000:]
         assert phrase in result.output

@@ -1,5 +1,6 @@
 """train.py end to end (Dassl required): training, evaluation from --model-dir, resuming, and
-clear errors for bad input. Each run is a subprocess on the synthetic dataset with the tiny CLIP."""
+clear errors for bad input. Each run is a subprocess on the synthetic dataset with the tiny CLIP;
+the bad-input runs, which end before training, call train.main in this process."""
 
 import os
 
@@ -25,6 +26,7 @@ def assert_clean(result):
 
 
 @pytest.mark.parametrize("trainer,config,modules", CASES)
+@pytest.mark.e2e
 def test_train_one_epoch_then_evaluate_new_classes(trainer, config, modules, synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun(trainer, config, synthetic_data_root, tiny_clip_path, tmp_path)
     trained = run.train()
@@ -47,6 +49,7 @@ def test_train_one_epoch_then_evaluate_new_classes(trainer, config, modules, syn
     assert evaluated.accuracy is not None
 
 
+@pytest.mark.e2e
 def test_zero_shot_clip_evaluates_without_a_model(synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun("ZeroshotCLIP", "vit_b16", synthetic_data_root, tiny_clip_path, tmp_path)
     result = run.run(run.command(run.test_dir, "--eval-only", options=("DATASET.SUBSAMPLE_CLASSES", "all")), run.test_dir)
@@ -54,6 +57,7 @@ def test_zero_shot_clip_evaluates_without_a_model(synthetic_data_root, tiny_clip
     assert "# classes  10" in result.log and result.accuracy is not None
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_from_its_last_checkpoint(synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", synthetic_data_root, tiny_clip_path, tmp_path)
     assert_clean(run.train("OPTIM.MAX_EPOCH", "2", "TRAIN.CHECKPOINT_FREQ", "1"))
@@ -72,6 +76,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(synthetic_data_root, t
     assert checkpoint["epoch"] == 2
 
 
+@pytest.mark.e2e
 def test_evaluating_with_another_backbone_is_refused(synthetic_data_root, tiny_clip_path, tiny_resnet_clip_path, tmp_path):
     run = TrainRun("RAda", "vit_b16_ep5", synthetic_data_root, tiny_clip_path, tmp_path)
     assert_clean(run.train())
@@ -82,7 +87,7 @@ def test_evaluating_with_another_backbone_is_refused(synthetic_data_root, tiny_c
 
 
 def test_bad_input_ends_in_a_clear_message(synthetic_data_root, tiny_clip_path, tmp_path):
-    run = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", synthetic_data_root, tiny_clip_path, tmp_path)
+    run = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", synthetic_data_root, tiny_clip_path, tmp_path, in_process=True)
 
     def expect_error(command, *phrases):
         result = run.run(command, str(tmp_path / "out"))
@@ -108,6 +113,7 @@ def test_bad_input_ends_in_a_clear_message(synthetic_data_root, tiny_clip_path, 
     assert no_run.returncode == 2 and "--model-dir must be" in no_run.output and "Traceback" not in no_run.output
 
 
+@pytest.mark.e2e
 def test_resnet_backbone_trains_and_evaluates(synthetic_data_root, tiny_resnet_clip_path, tmp_path):
     """Widths come from the loaded model: a ResNet CLIP goes through the same trainers."""
     run = TrainRun("RAdaCoOp", "rn50_ep50", synthetic_data_root, tiny_resnet_clip_path, tmp_path)

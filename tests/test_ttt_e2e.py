@@ -53,6 +53,7 @@ def read_log(run_dir):
         return handle.read()
 
 
+@pytest.mark.e2e
 def test_script_from_the_identity_head_then_results_table(synthetic_data_root, tiny_clip_path, tmp_path):
     result = run_ttt_script("synthetic_shapes", 1, synthetic_data_root, tiny_clip_path, tmp_path)
     assert_clean(result)
@@ -78,6 +79,7 @@ def test_script_from_the_identity_head_then_results_table(synthetic_data_root, t
     assert again.returncode == 0 and "Skipping" in again.output
 
 
+@pytest.mark.e2e
 def test_no_steps_from_the_identity_head_is_zero_shot(synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun("RAdaTTT", "vit_b16_imagenet", synthetic_data_root, tiny_clip_path, tmp_path)
     result = run.run(run.command(run.test_dir, "--eval-only", options=(*TTT_OPTIONS, "TRAINER.TTT.STEPS", "0")),
@@ -93,6 +95,7 @@ def test_no_steps_from_the_identity_head_is_zero_shot(synthetic_data_root, tiny_
     assert zero_shot == clip_result.accuracy
 
 
+@pytest.mark.e2e
 def test_script_from_a_trained_rada_head(synthetic_data_root, tiny_clip_path, tmp_path):
     rada = TrainRun("RAda", "vit_b16_ep5", synthetic_data_root, tiny_clip_path, tmp_path / "rada")
     assert_clean(rada.train())
@@ -109,6 +112,7 @@ def test_script_from_a_trained_rada_head(synthetic_data_root, tiny_clip_path, tm
     assert zero_shot == evaluated.accuracy
 
 
+@pytest.mark.e2e
 def test_rada_coop_run_with_its_context(synthetic_data_root, tiny_clip_path, tmp_path):
     coop = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", synthetic_data_root, tiny_clip_path, tmp_path / "coop")
     assert_clean(coop.train())
@@ -129,9 +133,10 @@ def test_rada_coop_run_with_its_context(synthetic_data_root, tiny_clip_path, tmp
 
 
 def test_bad_settings_end_in_a_clear_message(synthetic_data_root, tiny_clip_path, tmp_path):
-    run = TrainRun("RAdaTTT", "vit_b16_imagenet", synthetic_data_root, tiny_clip_path, tmp_path)
+    run = TrainRun("RAdaTTT", "vit_b16_imagenet", synthetic_data_root, tiny_clip_path, tmp_path, in_process=True)
     for options, message in [
-        (("TRAINER.TTT.CONFIDENT_FRACTION", "0.0"), "TRAINER.TTT.CONFIDENT_FRACTION must be in (0, 1]"),
+        (("TRAINER.TTT.CONFIDENT_FRACTION", "0.0"),
+         "TRAINER.TTT.CONFIDENT_FRACTION is 0.0; it must be a number in (0, 1]"),
         (("TRAINER.TTT.ADAPT_PROMPTS", "True"), "use RAdaCoOpTTT to adapt a CoOp context"),
         (("OPTIM.WARMUP_EPOCH", "1"), "set OPTIM.WARMUP_EPOCH 0"),
     ]:

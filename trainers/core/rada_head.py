@@ -234,7 +234,7 @@ def rada_head(cfg, embed_dim):
     if embed_dim % rada.NUM_HEADS:
         divisors = [n for n in range(1, min(embed_dim, 64) + 1) if embed_dim % n == 0]
         raise UserFacingError(
-            f"TRAINER.RADA.NUM_HEADS is {rada.NUM_HEADS}; it must divide the feature width {embed_dim} of this "
-            f"CLIP (e.g. {', '.join(map(str, divisors))})."
+            f"TRAINER.RADA.NUM_HEADS is {rada.NUM_HEADS}; it must be a divisor of the feature width {embed_dim} "
+            f"of this CLIP (e.g. {', '.join(map(str, divisors))})."
         )
     return RAdaHead(embed_dim, num_heads=rada.NUM_HEADS, temperature=rada.TEMP)
