@@ -13,7 +13,7 @@ from figures.style import DPI
 from tests.conftest import requires_dassl
 from tests.train_harness import FAST_OPTIONS, REPO, TrainRun
 
-pytestmark = requires_dassl
+pytestmark = [requires_dassl, pytest.mark.e2e]  # trains a run with train.py
 # A large step so that one short run moves the mask visibly (and clips some entries to 0).
 TRAIN_OPTIONS = ("OPTIM.LR", "0.1", "OPTIM.WARMUP_EPOCH", "0", "OPTIM.MAX_EPOCH", "2", "TEST.NO_TEST", "True")
 
