@@ -162,17 +162,50 @@ def make_output_dir(cfg):
         ) from None
 
 
+def check_run_record(cfg):
+    """A folder that already holds a run made with other settings is not silently reused."""
+    from trainers.core.errors import UserFacingError
+    from trainers.core.results import config_differences, flatten_config, read_run_record
+
+    stored = read_run_record(cfg.OUTPUT_DIR).get("config")
+    changed = config_differences(stored, flatten_config(cfg)) if stored else []
+    if changed:
+        raise UserFacingError(
+            f"{cfg.OUTPUT_DIR} holds a run made with other settings ({'; '.join(changed)}). Give this run another "
+            "--output-dir (the scripts: a new OUTPUT or CFG name), or delete that folder to run it again "
+            "(the scripts: FORCE=1)."
+        )
+
+
+def _flush_log_per_line():
+    """Dassl's logger tees stdout into log.txt through a buffered file: make it write every line
+    at once, so that after a kill the log shows every epoch that finished."""
+    log_file = getattr(sys.stdout, "file", None)
+    if log_file is not None and hasattr(log_file, "reconfigure"):
+        log_file.reconfigure(line_buffering=True)
+
+
 def run(args):
     import torch
     from dassl.engine import build_trainer
     from dassl.utils import collect_env_info, set_random_seed, setup_logger
 
+    from trainers.core.results import flatten_config, write_run_record
+    from trainers.core.run_lock import lock_run_dir
+
     cfg = setup_cfg(args)
     register_all(cfg)
     make_output_dir(cfg)
+    # Under torchrun every process gets RANK; the first one speaks for the run folder.
+    owns_run_dir = bool(cfg.OUTPUT_DIR) and os.environ.get("RANK", "0") == "0"
+    if owns_run_dir:
+        run_lock = lock_run_dir(cfg.OUTPUT_DIR)  # noqa: F841 - held until the process ends
+    if cfg.OUTPUT_DIR:
+        check_run_record(cfg)
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
+    _flush_log_per_line()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     if torch.cuda.is_available() and cfg.USE_CUDA:
         torch.backends.cudnn.benchmark = True
@@ -181,6 +214,8 @@ def run(args):
     print("Environment:\n" + collect_env_info())
 
     trainer = build_trainer(cfg)
+    if owns_run_dir:
+        write_run_record(cfg.OUTPUT_DIR, args.command_line, flatten_config(cfg))
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
@@ -190,6 +225,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # stored with the run (run.json)
     try:
         import dassl  # noqa: F401
     except ImportError:

@@ -22,13 +22,27 @@ import argparse
 import csv
 import math
 import re
-import shlex
 import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+
+from trainers.core.results import (  # noqa: E402  (the results contract: layout, logs, re-run hints)
+    ALL_SHOTS,
+    PART,
+    PROTOCOLS,
+    LogResult,
+    ResultsError,
+    parse_log,  # noqa: F401  (part of this script's interface: one log read the same way)
+    part_rerun_command,
+    parts_of,
+    read_run,
+    shots_text,
+)
 
 try:
     from tabulate import tabulate
@@ -55,7 +69,6 @@ FFT_PUBLISHED = (
     ("RAda-FT", 81.4, 61.3, "RAda paper"),
     ("FLYP", 82.6, 60.2, "FLYP paper; 59.5 shifts in the RAda paper's re-run"),
 )
-ALL_SHOTS = -1  # shots_all: every training image (DATASET.NUM_SHOTS -1)
 DISPLAY_NAMES = {
     "imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
     "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
@@ -63,104 +76,6 @@ DISPLAY_NAMES = {
     "ucf101": "UCF101", "imagenetv2": "ImageNetV2", "imagenet_sketch": "ImageNet-Sketch",
     "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R", "objectnet": "ObjectNet",
 }
-
-# Folder layout written by scripts/rada/*.sh:
-#   <root>/<part folder>/<dataset>/shots_<K or all>/<trainer>/<cfg>/seed<S>/log.txt
-PROTOCOL_PARTS = {
-    "base2new": ("train_base", "test_new"),
-    "fewshot": ("fewshot",),
-    "xd": ("xd_train", "xd_test"),
-    "dg": ("dg_train", "dg_test"),
-    "ttt": ("ttt",),
-}
-# Parts whose single run trains on ImageNet for a protocol's targets (their script takes only SEED).
-SOURCE_PARTS = ("xd_train", "dg_train")
-PART_FOLDERS = {
-    "train_base": "base2new/train_base", "test_new": "base2new/test_new", "fewshot": "fewshot",
-    "xd_train": "xd/train", "xd_test": "xd/test", "dg_train": "dg/train", "dg_test": "dg/test",
-    "ttt": "ttt",
-}
-PART_SCRIPTS = {
-    "train_base": "base2new_train.sh", "test_new": "base2new_test.sh", "fewshot": "fewshot.sh",
-    "xd_train": "xd_train.sh", "xd_test": "xd_test.sh", "dg_train": "dg_train.sh", "dg_test": "dg_test.sh",
-    "ttt": "ttt.sh",
-}
-# What DATASET.SUBSAMPLE_CLASSES the `* result:` line of each part must report.
-PART_SUBSAMPLE = {"train_base": "base", "test_new": "new", "fewshot": "all", "xd_train": "all", "xd_test": "all",
-                  "dg_train": "all", "dg_test": "all", "ttt": "all"}
-
-RESULT_PREFIX = "* result:"
-RESULT_FIELD = re.compile(r"(\w+)=(\S+)")
-DASSL_ACCURACY = re.compile(r"\* accuracy: ([0-9.]+)%")
-EPOCH = re.compile(r"epoch \[(\d+)/(\d+)\](?: batch \[(\d+)/(\d+)\])?")
-EVALUATED_SPLIT = re.compile(r"Evaluate on the \*(\w+)\* set")
-FINISHED_TRAINING = re.compile(r"Finish(ed)? training")
-
-
-@dataclass
-class LogResult:
-    """What a log.txt says. accuracy is None when it holds no test result of a complete run."""
-
-    accuracy: float | None
-    fields: dict = field(default_factory=dict)  # metadata of our `* result:` line
-    from_dassl_line: bool = False  # read from Dassl's one-decimal `* accuracy:` line (other tools' logs)
-    progress: str = ""  # how far an unfinished run got
-
-
-def parse_log(path):
-    """Reads a run's log.txt.
-
-    The result is our last `* result: ... split=test ... accuracy=X%` line, else (logs written by
-    CoOp, MaPLe or other Dassl tools) the last `* accuracy: X%` line that is not part of a
-    validation block. A log that shows training epochs but no `Finish training` line (Dassl older
-    than 0.6.1 prints `Finished training`) is unfinished whatever it printed, the same rule as
-    run_finished in scripts/rada/common.sh.
-    """
-    ours = dassl = last_epoch = None
-    evaluated_split = None
-    started = trained = False
-    last_line = ""
-    with open(path, encoding="utf-8", errors="replace") as log:
-        for raw_line in log:
-            line = raw_line.strip()
-            if not line:
-                continue
-            last_line = line
-            if match := EPOCH.match(line):
-                started, last_epoch = True, match
-            elif FINISHED_TRAINING.match(line):
-                trained = True
-            elif match := EVALUATED_SPLIT.match(line):
-                evaluated_split = match.group(1)
-            elif line.startswith(RESULT_PREFIX):
-                fields = dict(RESULT_FIELD.findall(line[len(RESULT_PREFIX):]))
-                if fields.get("split", "test") == "test" and _accuracy_of(fields) is not None:
-                    ours = fields
-            elif match := DASSL_ACCURACY.match(line):
-                if evaluated_split in (None, "test"):
-                    dassl = float(match.group(1))
-
-    if started and not trained:
-        epoch, epochs, batch, batches = last_epoch.groups()
-        where = f"stopped at epoch {epoch}/{epochs}" + (f", batch {batch}/{batches}" if batch else "")
-        return LogResult(None, progress=where)
-    if ours is not None:
-        return LogResult(_accuracy_of(ours), fields=ours)
-    if dassl is not None:
-        return LogResult(dassl, from_dassl_line=True)
-    if trained:
-        return LogResult(None, progress="training finished but the log has no test result")
-    if not last_line:
-        return LogResult(None, progress="log.txt is empty")
-    return LogResult(None, progress=f"no training epoch or test result; last line: {last_line[:100]!r}")
-
-
-def _accuracy_of(fields):
-    try:
-        return float(fields.get("accuracy", "").rstrip("%"))
-    except ValueError:
-        return None
-
 
 @dataclass
 class Run:
@@ -175,7 +90,7 @@ class Run:
 
     @property
     def protocol(self):
-        return next(p for p, parts in PROTOCOL_PARTS.items() if self.part in parts)
+        return PART[self.part].protocol
 
     @property
     def group(self):
@@ -184,7 +99,7 @@ class Run:
     def mismatch(self):
         """Why the log's own metadata contradicts the folder it is in (None when it agrees)."""
         fields = self.log.fields if self.log else {}
-        expected = {"seed": str(self.seed), "trainer": self.trainer, "subsample": PART_SUBSAMPLE[self.part]}
+        expected = {"seed": str(self.seed), "trainer": self.trainer, "subsample": PART[self.part].subsample}
         wrong = [f"{key}={fields[key]} (folder says {value})" for key, value in expected.items()
                  if key in fields and fields[key] != value]
         return ", ".join(wrong) or None
@@ -194,8 +109,8 @@ def discover_runs(root, protocols):
     """All seed folders under root for the given protocols; also the folders whose names do not fit."""
     runs, odd_folders = [], []
     for protocol in protocols:
-        for part in PROTOCOL_PARTS[protocol]:
-            for seed_dir in sorted((root / PART_FOLDERS[part]).glob("*/*/*/*/seed*")):
+        for part in parts_of(protocol):
+            for seed_dir in sorted((root / part.folder).glob("*/*/*/*/seed*")):
                 if not seed_dir.is_dir():
                     continue
                 dataset, shots_name, trainer, cfg = seed_dir.parts[-5:-1]
@@ -204,10 +119,8 @@ def discover_runs(root, protocols):
                 if not (shots and seed):
                     odd_folders.append(seed_dir)
                     continue
-                log_path = seed_dir / "log.txt"
-                log = parse_log(log_path) if log_path.is_file() else None
                 shots = ALL_SHOTS if shots.group(1) == "all" else int(shots.group(1))
-                runs.append(Run(part, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, log))
+                runs.append(Run(part.name, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, read_run(seed_dir)))
     return runs, odd_folders
 
 
@@ -245,17 +158,17 @@ def load_published(path=BASELINES_CSV):
             reader = csv.reader(handle)
             header = next(reader, None)
             if header != BASELINES_HEADER:
-                sys.exit(f"error: {path}: the header must be {','.join(BASELINES_HEADER)}, found {header}")
+                raise ResultsError(f"{path}: the header must be {','.join(BASELINES_HEADER)}, found {header}")
             published = {}
             for line_number, row in enumerate(reader, start=2):
                 try:
                     dataset, method, base, new, hm, source = row
                     published[(dataset, method)] = Published(float(base), float(new), float(hm), source)
                 except ValueError:
-                    sys.exit(f"error: {path}, line {line_number}: expected {len(BASELINES_HEADER)} columns "
-                             f"with numbers for base, new and hm, found {row}")
+                    raise ResultsError(f"{path}, line {line_number}: expected {len(BASELINES_HEADER)} columns "
+                                       f"with numbers for base, new and hm, found {row}") from None
     except OSError as error:
-        sys.exit(f"error: cannot read the published baselines {path}: {error.strerror}")
+        raise ResultsError(f"cannot read the published baselines {path}: {error.strerror}") from None
     return published
 
 
@@ -321,7 +234,7 @@ def base2new_rows(accuracies, published, ci95):
 def accuracy_rows(accuracies, protocol, ci95):
     """Few-shot, cross-dataset and full fine-tuning tables: one accuracy column; averages as in the papers."""
     rows_by_dataset = {}
-    parts = PROTOCOL_PARTS[protocol]
+    parts = [part.name for part in parts_of(protocol)]
     source_part, test_part = parts if protocol in ("xd", "dg") else (None, parts[0])
     if source_part:
         source = summarise(list(accuracies.get((source_part, "imagenet"), {}).values()), ci95)
@@ -379,22 +292,6 @@ def render_table(protocol, rows, ci95):
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def shots_text(shots):
-    """The value of SHOTS (and of the shots_<K> folder name) for a shots number."""
-    return "all" if shots == ALL_SHOTS else str(shots)
-
-
-def rerun_command(run_root, part, dataset, seed, trainer, cfg, shots):
-    """The script call that creates a missing run."""
-    env = f"OUTPUT={shlex.quote(str(run_root))} TRAINER={trainer} CFG={cfg}"
-    if part != "ttt":
-        env += f" SHOTS={shots_text(shots)}"
-    elif shots:  # ttt shots_K starts from the K-shot ImageNet model of xd_train.sh; shots_0 from the identity head
-        env += f" PRETRAINED=1 SHOTS={shots}"
-    args = [str(seed)] if part in SOURCE_PARTS else [dataset, str(seed)]
-    return f"{env} bash scripts/rada/{PART_SCRIPTS[part]} {' '.join(args)}"
-
-
 @dataclass
 class GroupReport:
     """One (protocol, trainer, cfg, shots) group: its table rows and what is wrong or absent."""
@@ -432,13 +329,13 @@ def summarise_group(key, runs, root, seeds, published, ci95):
                 report.fallback.append(run.path)
 
     # A dataset started in any part is expected in every part, for every seed (xd, dg: one ImageNet training).
-    targets = {dataset for part, dataset in present if part not in SOURCE_PARTS}
-    expected = [(part, dataset) for part in PROTOCOL_PARTS[protocol]
-                for dataset in (["imagenet"] if part in SOURCE_PARTS else _ordered(targets))]
+    targets = {dataset for part, dataset in present if not PART[part].trains_on_imagenet}
+    expected = [(part.name, dataset) for part in parts_of(protocol)
+                for dataset in (["imagenet"] if part.trains_on_imagenet else _ordered(targets))]
     for part, dataset in expected:
         for seed in sorted(set(seeds) - present[(part, dataset)]):
             report.missing.append(f"{part} {dataset} seed {seed}: run "
-                                  + rerun_command(root, part, dataset, seed, trainer, cfg, shots))
+                                  + part_rerun_command(root, part, dataset, seed, trainer, cfg, shots))
 
     wanted = {"xd": XD_TARGETS + DG_TARGETS, "dg": FFT_TARGETS}.get(protocol, BENCHMARK)
     if protocol == "ttt":  # a ttt config serves one family of targets: ImageNet's variants or the other datasets
@@ -517,26 +414,26 @@ def write_csv(path, summaries, ci95):
                             record["hm" if column == "hm" else f"{column}_mean"] = round(value, 4)
                     writer.writerow(record)
     except OSError as error:
-        sys.exit(f"error: cannot write the CSV file {path}: {error.strerror}")
+        raise ResultsError(f"cannot write the CSV file {path}: {error.strerror}") from None
 
 
 def resolve_root(output_dir, protocol):
     """The output root and the protocols to read; a protocol folder (e.g. output/base2new) is accepted too."""
     root = Path(output_dir)
     if not root.is_dir():
-        sys.exit(f"error: the output folder {root} does not exist. Give the folder the scripts wrote to "
+        raise ResultsError(f"the output folder {root} does not exist. Give the folder the scripts wrote to "
                  "(./output unless OUTPUT was set).")
-    if root.name in PROTOCOL_PARTS and not any((root / p).is_dir() for p in PROTOCOL_PARTS):
+    if root.name in PROTOCOLS and not any((root / p).is_dir() for p in PROTOCOLS):
         if protocol and protocol != root.name:
-            sys.exit(f"error: {root} is the {root.name} protocol folder, but --protocol {protocol} was given")
+            raise ResultsError(f"{root} is the {root.name} protocol folder, but --protocol {protocol} was given")
         return root.parent, [root.name]
-    return root, [protocol] if protocol else list(PROTOCOL_PARTS)
+    return root, [protocol] if protocol else list(PROTOCOLS)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", help="the output root of scripts/rada/*.sh (e.g. output)")
-    parser.add_argument("--protocol", choices=list(PROTOCOL_PARTS), help="only this protocol (default: all)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), help="only this protocol (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="expected seeds (default: 1 2 3)")
     parser.add_argument("--ci95", action="store_true", help="show the 95%% confidence interval instead of the std")
     parser.add_argument("--csv", metavar="PATH", help="also write the tables to this CSV file")
@@ -547,6 +444,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return report(args)
+    except ResultsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def report(args):
+    """Prints the tables; the exit status is 1 when no finished run was found."""
     seeds = sorted(set(args.seeds))
     root, protocols = resolve_root(args.output_dir, args.protocol)
     runs, odd_folders = discover_runs(root, protocols)
@@ -555,7 +461,7 @@ def main(argv=None):
     runs_by_group = defaultdict(list)
     for run in runs:
         runs_by_group[run.group].append(run)
-    order = list(PROTOCOL_PARTS)
+    order = list(PROTOCOLS)
     summaries = [(key, summarise_group(key, runs_by_group[key], root, seeds, published, args.ci95))
                  for key in sorted(runs_by_group, key=lambda k: (order.index(k[0]), k[1:]))]
 
@@ -573,9 +479,9 @@ def main(argv=None):
             print(f"error: none of the {len(runs)} run folder(s) under {root} holds a finished run "
                   "(see the unfinished and missing runs above)", file=sys.stderr)
         else:
-            part = PROTOCOL_PARTS[protocols[0]][0]
+            part = parts_of(protocols[0])[0]
             print(f"error: no run folder found under {root} for {', '.join(protocols)}: expected folders such as "
-                  f"{root / PART_FOLDERS[part]}/<dataset>/shots_<K>/<trainer>/<cfg>/seed<S>/log.txt, "
+                  f"{root / part.folder}/<dataset>/shots_<K>/<trainer>/<cfg>/seed<S>/log.txt, "
                   "as written by scripts/rada/*.sh", file=sys.stderr)
         return 1
     if args.csv:

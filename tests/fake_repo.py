@@ -1,9 +1,11 @@
 """A copy of scripts/rada/ in a fake repository, with configs written by the test and a stub
-`python` first on PATH that records the train.py command line instead of running it."""
+`python` first on PATH that records the train.py command line instead of running it (the
+scripts' questions to trainers.core.results, `python -m ...`, go to the real interpreter)."""
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +20,10 @@ def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  M
     (root / "scripts").mkdir(parents=True)
     shutil.copytree(REPO / "scripts" / "rada", root / "scripts" / "rada")
     shutil.copy(REPO / "scripts" / "setup_env.sh", root / "scripts")
+    for module in ("trainers/__init__.py", "trainers/core/__init__.py", "trainers/core/errors.py",
+                   "trainers/core/results.py"):
+        (root / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / module, root / module)
     (root / "configs" / "datasets").mkdir(parents=True)
     for stem in datasets:
         (root / "configs" / "datasets" / f"{stem}.yaml").write_text(f"DATASET:\n  NAME: {stem}\n")
@@ -28,7 +34,8 @@ def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  M
     (root / "data").mkdir()
     stub = tmp_path / "bin" / "python"
     stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_ARGV"\n')
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then exec {sys.executable} "$@"; fi\n'
+                    'printf "%s\\n" "$@" > "$STUB_ARGV"\n')
     stub.chmod(0o755)
     return root
 

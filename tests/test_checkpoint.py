@@ -5,9 +5,12 @@ from torch import nn
 from trainers.core.checkpoint import (
     find_checkpoint,
     latest_checkpoint,
+    latest_checkpoint_set,
     load_weights,
+    prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
+    write_checkpoint_set,
 )
 from trainers.core.errors import CheckpointError
 from trainers.core.rada_head import RAdaHead
@@ -82,3 +85,43 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         read_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("pointer_text", ["", "\x00\x17garbage\n", "model.pth.tar-9\n"])
+def test_garbled_pointer_falls_back_to_the_newest_checkpoint(pointer_text, tmp_path, caplog):
+    folder = tmp_path / "rada_head"
+    for epoch in (1, 2):
+        write_checkpoint({"state_dict": {}, "epoch": epoch}, folder, f"model.pth.tar-{epoch}")
+    (folder / "checkpoint").write_text(pointer_text)
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(folder).endswith("model.pth.tar-2")
+    assert "using the newest checkpoint there, model.pth.tar-2" in caplog.text
+    (folder / "model.pth.tar-1").unlink()
+    (folder / "model.pth.tar-2").unlink()
+    with pytest.raises(CheckpointError, match="holds no model.pth.tar"):
+        latest_checkpoint(folder)
+
+
+def test_a_set_lacking_a_module_is_never_resumed_from(tmp_path):
+    heads = {"prompt_learner": RAdaHead(16, num_heads=4), "rada_head": RAdaHead(16, num_heads=4)}
+    write_checkpoint_set(tmp_path, 1, {n: payload(m, 1) for n, m in heads.items()}, {"random_state": {}})
+    # Killed between the two modules' saves of epoch 2: one file written, no marker.
+    write_checkpoint(payload(heads["prompt_learner"], 2), tmp_path / "prompt_learner", "model.pth.tar-2")
+    marker, paths = latest_checkpoint_set(tmp_path, list(heads))
+    assert marker["epoch"] == 1 and all(p.endswith("model.pth.tar-1") for p in paths.values())
+    # Killed after the marker of epoch 2 but a module file went missing: that set is skipped too.
+    write_checkpoint_set(tmp_path, 2, {n: payload(m, 2) for n, m in heads.items()}, {"random_state": {}})
+    (tmp_path / "rada_head" / "model.pth.tar-2").unlink()
+    assert latest_checkpoint_set(tmp_path, list(heads))[0]["epoch"] == 1
+    assert latest_checkpoint_set(tmp_path / "elsewhere", list(heads)) is None
+
+
+def test_prune_keeps_the_last_epoch_and_the_multiples_of_the_frequency(tmp_path):
+    head = RAdaHead(16, num_heads=4)
+    for epoch in (1, 2, 3):
+        write_checkpoint_set(tmp_path, epoch, {"rada_head": payload(head, epoch)}, {"random_state": {}})
+        prune_checkpoints(tmp_path, ["rada_head"], epoch, freq=2)
+    assert sorted(p.name for p in (tmp_path / "rada_head").glob("model.pth.tar-*")) == ["model.pth.tar-2",
+                                                                                        "model.pth.tar-3"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_set*")) == ["checkpoint_set.pth.tar-2",
+                                                                       "checkpoint_set.pth.tar-3"]

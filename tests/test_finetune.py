@@ -423,7 +423,8 @@ def imagenet_root(tmp_path_factory):
 def test_imagenet_fine_tuning_evaluates_on_a_class_subset(imagenet_root, tiny_clip_path, tmp_path):
     trained_run = TrainRun("FT", CONFIG, imagenet_root, tiny_clip_path, tmp_path, dataset="imagenet")
     assert_clean(trained_run.train("DATASET.NUM_SHOTS", "-1", subsample="all"))
-    shifted = TrainRun("FT", CONFIG, imagenet_root, tiny_clip_path, tmp_path, dataset="imagenet_a")
+    # Its own folders: train_base holds the ImageNet run, which a run of other settings may not reuse.
+    shifted = TrainRun("FT", CONFIG, imagenet_root, tiny_clip_path, tmp_path / "shifted", dataset="imagenet_a")
     evaluated = shifted.evaluate(subsample="all", model_dir=trained_run.train_dir)
     assert_clean(evaluated)
     assert "ImageNetA covers 5 of the 8 ImageNet classes of its classnames.txt" in evaluated.log

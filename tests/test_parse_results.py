@@ -296,7 +296,7 @@ def test_missing_output_dir_and_conflicting_protocol(tmp_path):
 def test_malformed_published_file_is_named(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("dataset,method,base,new,hm,source\ndtd,CLIP,53.24,oops,56.37,paper\n")
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(parse_results.ResultsError) as error:
         parse_results.load_published(bad)
     assert "line 2" in str(error.value) and str(bad) in str(error.value)
 

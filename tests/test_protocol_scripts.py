@@ -192,3 +192,45 @@ def test_scripts_and_parser_agree_on_finished_runs(tmp_path, log_text, finished)
                            env={**os.environ, "RADA_SKIP_SETUP": "1"}, capture_output=True, text=True, timeout=60)
     assert (check.returncode == 0) is finished, check.stderr
     assert (parse_results.parse_log(tmp_path / "log.txt").accuracy is not None) is finished
+
+
+# ---- resumed runs and changed settings ---------------------------------------------------------
+
+def test_a_killed_and_resumed_run_is_finished(repo):
+    # Dassl's logger writes the resumed process to log.txt-<timestamp>, beside the killed one's log.txt.
+    run_dir = f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1"
+    finish(repo, run_dir, unfinished_log(stop_epoch=2, stop_batch=7))
+    (repo / run_dir / "log.txt-2026-12-01-10-00-00").write_text(rada_log(80.0))
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1)
+    assert result.returncode == 0 and argv is None
+    assert "already holds a finished run" in result.stdout
+    result, argv = run_script(repo, "base2new_test.sh", "dtd", 1)
+    assert result.returncode == 0 and argv is not None  # the test script accepts the training run
+    assert parse_results.read_run(repo / run_dir).accuracy == 80.0
+
+
+def test_changed_settings_stop_the_script_and_force_runs_again(repo, monkeypatch):
+    from trainers.core.results import write_run_record
+
+    run_dir = f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1"
+    _, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2)
+    finish(repo, run_dir, rada_log(80.0))
+    monkeypatch.chdir(repo)  # train.py records its command line from where the script ran it
+    write_run_record(repo / run_dir, argv[1:], {})
+
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2)
+    assert result.returncode == 0 and argv is None and "already holds a finished run" in result.stdout
+
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 5, "TRAINER.RADA.ALPHA", 0.1)
+    assert result.returncode == 1 and argv is None
+    assert "holds a finished run made with other settings" in result.stderr
+    assert "OPTIM.MAX_EPOCH: was 2, now 5" in result.stderr and "TRAINER.RADA.ALPHA: was unset, now 0.1" in result.stderr
+    assert "new OUTPUT or CFG name" in result.stderr and "FORCE=1" in result.stderr
+
+    (repo / "configs/trainers/RAdaCoOp/vit_b16_ep50_ctxv1.yaml").write_text("OPTIM:\n  MAX_EPOCH: 3\n")
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2)
+    assert result.returncode == 1 and "--config-file (the file's content changed)" in result.stderr
+
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 5, FORCE="1")
+    assert result.returncode == 0 and argv is not None
+    assert f"FORCE=1: deleting ./{run_dir}" in result.stdout and not (repo / run_dir).exists()

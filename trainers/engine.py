@@ -6,8 +6,9 @@ handles the rest: precision, optimisers, the learning-rate schedule, the trainin
 result line that `scripts/parse_results.py` reads, and checkpoints.
 
 Checkpoints are written and read here rather than by Dassl 0.6.3, whose scheduler state
-cannot be loaded by current torch (`weights_only=True`): every file holds plain data, is
-saved every epoch so an interrupted run resumes, and records the backbone it was trained on.
+cannot be loaded by current torch (`weights_only=True`): every file holds plain data and records
+the backbone and trainer it was made with; each epoch is saved as one checkpoint set (see
+trainers/core/checkpoint.py) so that an interrupted run resumes bit for bit.
 """
 
 import logging
@@ -24,16 +25,25 @@ from torchvision.transforms import Compose
 from .config import check_values
 from .core.checkpoint import (
     CHECKPOINT_POINTER,
+    authors_run_folder,
     find_checkpoint,
+    frozen_differences,
     latest_checkpoint,
+    latest_checkpoint_set,
     load_weights,
+    module_part,
+    prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
+    write_checkpoint_set,
 )
 from .core.clip_loader import clip_signature, describe_clip, load_clip
-from .core.errors import UserFacingError
+from .core.errors import CheckpointError, UserFacingError
 from .core.precision import Precision
 from .core.rada_head import rada_loss
+from .core.random_state import capture as capture_random_state
+from .core.random_state import restore as restore_random_state
+from .core.results import config_differences, flatten_config, result_line
 from .core.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -201,75 +211,153 @@ class CLIPTrainer(TrainerX):
             evaluated = "test"
         accuracy = self.evaluate(evaluated)
         # Program output like Dassl's result block (printed, so it reaches log.txt in any host).
-        print(
-            f"* result: dataset={cfg.DATASET.NAME} subsample={cfg.DATASET.SUBSAMPLE_CLASSES} "
-            f"split={evaluated} shots={cfg.DATASET.NUM_SHOTS} seed={cfg.SEED} "
-            f"trainer={cfg.TRAINER.NAME} accuracy={accuracy:.2f}%"
-        )
+        print(result_line(dataset=cfg.DATASET.NAME, subsample=cfg.DATASET.SUBSAMPLE_CLASSES, split=evaluated,
+                          shots=cfg.DATASET.NUM_SHOTS, seed=cfg.SEED, trainer=cfg.TRAINER.NAME, accuracy=accuracy))
         return accuracy
 
     # ---- checkpoints --------------------------------------------------------------------------
     def after_epoch(self):
-        epoch_number = self.epoch + 1
         if not self.cfg.TEST.NO_TEST and self.cfg.TEST.FINAL_MODEL == "best_val":
             result = self.test(split="val")
             if result > self.best_result:
                 self.best_result = result
                 self.save_model(self.epoch, self.output_dir, val_result=result, model_name="model-best.pth.tar")
-        # Every epoch is saved so that an interrupted run resumes; only the last epoch and
-        # multiples of TRAIN.CHECKPOINT_FREQ are kept.
         self.save_model(self.epoch, self.output_dir)
-        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
-        previous = epoch_number - 1
-        if previous >= 1 and not (freq > 0 and previous % freq == 0):
-            for name in self.get_model_names():
-                stale = osp.join(self.output_dir, name, f"model.pth.tar-{previous}")
-                if osp.isfile(stale):
-                    os.remove(stale)
+        prune_checkpoints(self.output_dir, self.get_model_names(), self.epoch + 1, self.cfg.TRAIN.CHECKPOINT_FREQ)
+
+    def _checkpoint_payload(self, name, epoch, val_result):
+        return {
+            "state_dict": self._models[name].state_dict(),
+            "epoch": epoch + 1,
+            "optimizer": self._optims[name].state_dict() if self._optims[name] else None,
+            "scheduler": self._scheds[name].state_dict() if self._scheds[name] else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "val_result": val_result,
+            "backbone": self.backbone,
+            "trainer": self.cfg.TRAINER.NAME,
+        }
+
+    def _random_loaders(self):
+        return {"train_loader_x": self.train_loader_x}
 
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
-        for name in self.get_model_names():
-            payload = {
-                "state_dict": self._models[name].state_dict(),
-                "epoch": epoch + 1,
-                "optimizer": self._optims[name].state_dict() if self._optims[name] else None,
-                "scheduler": self._scheds[name].state_dict() if self._scheds[name] else None,
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "val_result": val_result,
-                "backbone": self.backbone,
-                "trainer": self.cfg.TRAINER.NAME,
-            }
-            write_checkpoint(payload, osp.join(directory, name), model_name or f"model.pth.tar-{epoch + 1}")
+        names = self.get_model_names()
+        if model_name:  # model-best.pth.tar: a copy of the best epoch, not a point to resume from
+            for name in names:
+                write_checkpoint(self._checkpoint_payload(name, epoch, val_result), osp.join(directory, name), model_name)
+            return
+        payloads = {name: self._checkpoint_payload(name, epoch, val_result) for name in names}
+        write_checkpoint_set(directory, epoch + 1, payloads, {
+            "random_state": capture_random_state(self._random_loaders()),
+            "best_result": float(self.best_result),
+            "config": flatten_config(self.cfg),
+            "trainer": self.cfg.TRAINER.NAME,
+        })
 
     def resume_model_if_exist(self, directory):
+        """Resumes from the newest complete checkpoint set: every module, optimiser, scheduler and
+        the random generators as they were at the end of that epoch."""
         names = self.get_model_names()
+        found = latest_checkpoint_set(directory, names) if names else None
+        if found is None:
+            return self._resume_without_set(directory, names)
+        marker, paths = found
+        changed = config_differences(marker.get("config", {}), flatten_config(self.cfg))
+        if changed:
+            raise UserFacingError(
+                f"{directory} holds a run trained with other settings ({'; '.join(changed)}); resuming it would mix "
+                "the two (e.g. continue the old schedule). Give this run another --output-dir (the scripts: a new "
+                "OUTPUT or CFG name), or delete that folder to train again (the scripts: FORCE=1)."
+            )
+        logger.info(f"Found checkpoint at {directory} (will resume training)")
+        for name in names:
+            self._resume_module(name, paths[name])
+        restore_random_state(marker["random_state"], self._random_loaders())
+        self.best_result = marker.get("best_result", self.best_result)
+        logger.info(f"Resumed the checkpoint set of epoch {marker['epoch']} (next epoch: {marker['epoch'] + 1})")
+        return marker["epoch"]
+
+    def _resume_without_set(self, directory, names):
+        """Runs written before checkpoint sets existed: each module's latest checkpoint, all of one epoch."""
         if not names or not all(osp.isfile(osp.join(directory, n, CHECKPOINT_POINTER)) for n in names):
             logger.info("No checkpoint found, train from scratch")
             return 0
         logger.info(f"Found checkpoint at {directory} (will resume training)")
-        start_epoch = 0
-        for name in names:
-            path = latest_checkpoint(osp.join(directory, name))
-            checkpoint = read_checkpoint(path, self.backbone)
-            load_weights(self._models[name], checkpoint["state_dict"], path)
-            if self._optims[name] is not None and checkpoint.get("optimizer"):
-                self._optims[name].load_state_dict(checkpoint["optimizer"])
-            if self._scheds[name] is not None and checkpoint.get("scheduler"):
-                self._scheds[name].load_state_dict(checkpoint["scheduler"])
-            if checkpoint.get("scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch = checkpoint["epoch"]
-            logger.info(f"Resumed {name} from {path} (next epoch: {start_epoch + 1})")
-        return start_epoch
+        logger.warning("%s has no checkpoint set markers (an older run): the random generators are not restored, "
+                       "so the resumed run is not bit-identical to an uninterrupted one.", directory)
+        epochs = {name: self._resume_module(name, latest_checkpoint(osp.join(directory, name))) for name in names}
+        if len(set(epochs.values())) > 1:
+            raise CheckpointError(
+                f"The latest checkpoints in {directory} are of different epochs "
+                f"({', '.join(f'{n}: {e}' for n, e in epochs.items())}); delete the run folder to train again."
+            )
+        return next(iter(epochs.values()))
+
+    def _resume_module(self, name, path):
+        checkpoint = read_checkpoint(path, self.backbone)
+        load_weights(self._models[name], checkpoint["state_dict"], path)
+        if self._optims[name] is not None and checkpoint.get("optimizer"):
+            self._optims[name].load_state_dict(checkpoint["optimizer"])
+        if self._scheds[name] is not None and checkpoint.get("scheduler"):
+            self._scheds[name].load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        logger.info(f"Resumed {name} from {path} (next epoch: {checkpoint['epoch'] + 1})")
+        return checkpoint["epoch"]
 
     def load_model(self, directory, epoch=None):
+        """Loads the modules trained in `directory`, a training output of this project or a run of
+        the RAda authors' code (their whole model under RAda/, LP/ or MultiModalPromptLearner/).
+
+        A run of another trainer loads when it trained exactly modules this trainer has (same
+        registered names, same weights): e.g. a RAda run into RAdaTTT. A run that also trained
+        modules this trainer lacks (a RAdaCoOp run given to RAda) is refused, since part of it
+        would be ignored; one lacking a module this trainer needs fails on the missing folder."""
         if not directory:
             logger.info("No --model-dir given: evaluating without loading trained weights")
             return
-        for name in self.get_model_names():
+        names = self.get_model_names()
+        authors_folder = authors_run_folder(directory, names)
+        if authors_folder:
+            self._load_authors_run(authors_folder, epoch)
+            return
+        self._refuse_partial_run(directory, names)
+        trainers = set()
+        for name in names:
             path = find_checkpoint(osp.join(directory, name), epoch)
             checkpoint = read_checkpoint(path, self.backbone)
             load_weights(self._models[name], checkpoint["state_dict"], path)
+            trainers.add(checkpoint.get("trainer"))
             val = checkpoint.get("val_result")
             val_text = f", val_result={val:.1f}" if isinstance(val, (int, float)) else ""
             logger.info(f"Load {path} to {name} (epoch={checkpoint.get('epoch')}{val_text})")
+        others = sorted(t for t in trainers if t and t != self.cfg.TRAINER.NAME)
+        if others:
+            logger.info(f"{directory} was trained by {', '.join(others)}; its {', '.join(names)} "
+                        f"load unchanged into {self.cfg.TRAINER.NAME}")
+
+    def _refuse_partial_run(self, directory, names):
+        unused = sorted(entry for entry in os.listdir(directory) if entry not in names
+                        and osp.isfile(osp.join(directory, entry, CHECKPOINT_POINTER))) if osp.isdir(directory) else []
+        if unused:
+            raise CheckpointError(
+                f"{directory} also holds trained {', '.join(unused)}, which {self.cfg.TRAINER.NAME} does not have "
+                f"(it trains {', '.join(names)}) and would ignore. Evaluate that run with the trainer that wrote it."
+            )
+
+    def _load_authors_run(self, folder, epoch):
+        path = find_checkpoint(folder, epoch)
+        checkpoint = read_checkpoint(path, self.backbone)
+        whole = checkpoint["state_dict"]
+        prefixes = []
+        for name in self.get_model_names():
+            part, sources = module_part(whole, name, path)
+            load_weights(self._models[name], part, path)
+            prefixes += [source.rstrip("*") for source in sources]
+            logger.info(f"Load {path} ({', '.join(sources)} of the RAda authors' whole model) to {name} "
+                        f"(epoch={checkpoint.get('epoch')})")
+        differing = frozen_differences(self.model.state_dict(), whole, prefixes)
+        if differing:
+            logger.warning("%s: %d frozen CLIP tensors differ from the loaded backbone's (e.g. %s): predictions will "
+                           "not be those of the authors' model. Set MODEL.BACKBONE.NAME to the CLIP that run used.",
+                           path, len(differing), ", ".join(differing[:3]))

@@ -141,47 +141,45 @@ is_training_free() {
     [[ " $TRAINING_FREE_TRAINERS " == *" $TRAINER "* ]]
 }
 
-# Exit status 0 when DIR/log.txt holds a test result of a complete run: our `* result:` line with
-# split=test or Dassl's `* accuracy:` line outside a validation block, and, if the log shows
-# training, the `Finish training` line. scripts/parse_results.py applies the same rule.
+# The results contract (is a run finished, how far it got, the re-run hint) is defined once, in
+# trainers/core/results.py; these functions ask it.
+results_cli() {
+    PYTHONPATH="$RADA_REPO${PYTHONPATH:+:$PYTHONPATH}" python -m trainers.core.results "$@"
+}
+
+# Exit status 0 when DIR holds a finished run (read from all its logs).
 run_finished() {
-    [ -f "$1/log.txt" ] && awk '
-        { sub(/\r$/, ""); sub(/^[ \t]+/, "") }
-        /^epoch \[[0-9]+\/[0-9]+\]/ { started = 1 }
-        /^Finish(ed)? training/ { trained = 1 }
-        /^Evaluate on the \*[a-z]+\* set/ { block = $4 }
-        /^\* result:/ && (/ split=test( |$)/ || !/ split=/) { found = 1 }
-        /^\* accuracy:/ && block != "*val*" { found = 1 }
-        END { exit !(found && (trained || !started)) }
-    ' "$1/log.txt"
+    results_cli finished "$1"
 }
 
 # How far an unfinished run got, for messages.
 run_progress() {
-    local last_epoch
-    [ -f "$1/log.txt" ] || { echo "no log.txt"; return; }
-    last_epoch="$(grep -oE '^epoch \[[0-9]+/[0-9]+\]( batch \[[0-9]+/[0-9]+\])?' "$1/log.txt" | tail -n 1 || true)"
-    echo "${last_epoch:-no epoch reached}"
+    results_cli progress "$1"
 }
 
-# Exits 0 when DIR already holds a finished run; says so when an unfinished one is re-run.
-skip_if_finished() {
-    if run_finished "$1"; then
-        echo "Skipping: $1 already holds a finished run (delete that folder to run it again)."
-        exit 0
+# Decides, from DIR and the train.py command line in CMD, whether to run: exits 0 when DIR already
+# holds the finished run, stops when DIR holds a run made with other settings, and with FORCE=1
+# deletes DIR first.
+check_run_dir() { # dir
+    if [ "${FORCE:-0}" = 1 ] && [ -e "$1" ]; then
+        echo "FORCE=1: deleting $1 to run it again."
+        rm -rf -- "$1"
+        return
     fi
-    if [ -f "$1/log.txt" ]; then
-        echo "Found an unfinished run in $1 (log reached: $(run_progress "$1")); running it again (training resumes from its last checkpoint)."
-    fi
+    local status=0
+    results_cli check "$1" "${CMD[@]:2}" || status=$?
+    case "$status" in
+        0) exit 0 ;;
+        1) ;;
+        3) exit 1 ;;
+        *) die "could not read the state of $1" ;;
+    esac
 }
 
 # The command that (re)creates a missing run, with the environment that selects the same folders.
 rerun_hint() { # script args...
-    local script="$1"
-    shift
-    printf 'DATA=%q OUTPUT=%q TRAINER=%q CFG=%q SHOTS=%q bash %q' \
-        "$DATA" "$OUTPUT" "$TRAINER" "$CFG" "$SHOTS" "${REPO_PREFIX}scripts/rada/$script"
-    printf ' %q' "$@"
+    results_cli rerun "$@" --prefix "$REPO_PREFIX" \
+        --env "DATA=$DATA" "OUTPUT=$OUTPUT" "TRAINER=$TRAINER" "CFG=$CFG" "SHOTS=$SHOTS"
 }
 
 # Evaluation scripts need the trained model first.
@@ -226,10 +224,10 @@ run_command() {
 run_training() { # output_dir yacs-options...
     local dir="$1"
     shift
-    skip_if_finished "$dir"
     start_command "$DATASET" "$dir"
     if is_training_free; then CMD+=(--eval-only); fi
     CMD+=("$@")
+    check_run_dir "$dir"
     run_command
 }
 
@@ -237,9 +235,9 @@ run_training() { # output_dir yacs-options...
 run_evaluation() { # model_dir output_dir yacs-options...
     local model_dir="$1" dir="$2"
     shift 2
-    skip_if_finished "$dir"
     start_command "$DATASET" "$dir"
     add_eval_flags "$model_dir"
     CMD+=("$@")
+    check_run_dir "$dir"
     run_command
 }

@@ -1,11 +1,18 @@
 """Checkpoint files in Dassl's layout, written as plain data so `torch.load(weights_only=True)`
 reads them: <run dir>/<module name>/model.pth.tar-<epoch> (or model-best.pth.tar) and a
 `checkpoint` file naming the latest one.
+
+The modules of one epoch form a set: each module's file is written first, then one marker,
+<run dir>/checkpoint_set.pth.tar-<epoch>, which lists them and holds what else a resumed run needs
+(the random generators' state). A run resumes only from a set whose marker exists, so a kill
+between two modules' saves can never mix epochs. Which sets are kept is decided here too
+(`prune_checkpoints`).
 """
 
 import logging
 import os
 import os.path as osp
+import re
 
 import torch
 
@@ -15,33 +22,124 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_POINTER = "checkpoint"
 BEST = "model-best.pth.tar"
+EPOCH_FILE = re.compile(r"model\.pth\.tar-(\d+)")
+MARKER_FILE = re.compile(r"checkpoint_set\.pth\.tar-(\d+)")
 # Buffers rebuilt from the current class names; checkpoints of CoOp-family code carry them.
 CLASS_DEPENDENT = ("token_prefix", "token_suffix", "tokenized_prompts")
 # Prefixes other code bases put in front of the keys of the same modules.
 FOREIGN_PREFIXES = ("module.", "mha.", "prompt_learner.")
 
 
+def _save_atomically(payload, path):
+    """torch.save to a temporary file, flushed to disk, then renamed: a kill at any moment leaves
+    either the old file or the complete new one."""
+    partial = path + ".partial"
+    with open(partial, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
 def write_checkpoint(payload, folder, filename):
     os.makedirs(folder, exist_ok=True)
     path = osp.join(folder, filename)
-    partial = path + ".partial"
-    torch.save(payload, partial)
-    os.replace(partial, path)  # an interrupted save never leaves a truncated checkpoint
-    with open(osp.join(folder, CHECKPOINT_POINTER), "w") as pointer:
-        pointer.write(filename + "\n")
+    _save_atomically(payload, path)
+    pointer = osp.join(folder, CHECKPOINT_POINTER)
+    with open(pointer + ".partial", "w") as handle:
+        handle.write(filename + "\n")
+    os.replace(pointer + ".partial", pointer)
     return path
+
+
+def _epoch_files(folder):
+    """{epoch: path} of the model.pth.tar-<epoch> files in a module folder."""
+    found = {}
+    for name in os.listdir(folder) if osp.isdir(folder) else ():
+        if match := EPOCH_FILE.fullmatch(name):
+            found[int(match.group(1))] = osp.join(folder, name)
+    return found
 
 
 def latest_checkpoint(folder):
+    """The file the `checkpoint` pointer names; when the pointer is missing, empty or garbled, the
+    newest model.pth.tar-<epoch> of the folder, with a warning."""
     pointer = osp.join(folder, CHECKPOINT_POINTER)
+    problem = None
     if not osp.isfile(pointer):
-        raise CheckpointError(f"No checkpoint in {folder}: the file {pointer} naming the latest one is missing.")
-    with open(pointer) as handle:
-        name = osp.basename(handle.readline().strip())
-    path = osp.join(folder, name)
-    if not osp.isfile(path):
-        raise CheckpointError(f"{pointer} names {name}, which is not in {folder}.")
-    return path
+        problem = f"the file {pointer} naming the latest checkpoint is missing"
+    else:
+        with open(pointer, encoding="utf-8", errors="replace") as handle:
+            name = osp.basename(handle.readline().strip())
+        path = osp.join(folder, name)
+        if name and osp.isfile(path):
+            return path
+        problem = f"{pointer} is empty or garbled" if not name else f"{pointer} names {name!r}, which is not in {folder}"
+    epochs = _epoch_files(folder)
+    if not epochs:
+        raise CheckpointError(f"No checkpoint in {folder}: {problem}, and the folder holds no model.pth.tar-<epoch>.")
+    newest = epochs[max(epochs)]
+    logger.warning("%s; using the newest checkpoint there, %s. (The pointer file holds the file name of the "
+                   "latest checkpoint, e.g. model.pth.tar-5.)", problem, osp.basename(newest))
+    return newest
+
+
+# ---- checkpoint sets -------------------------------------------------------------------------------
+
+def _marker_path(run_dir, epoch):
+    return osp.join(run_dir, f"checkpoint_set.pth.tar-{epoch}")
+
+
+def write_checkpoint_set(run_dir, epoch, payloads, resume_state):
+    """Writes model.pth.tar-<epoch> of every module ({name: payload}), then the set's marker with
+    `resume_state` (plain data: what a resumed run restores besides the modules)."""
+    files = {name: osp.basename(write_checkpoint(payload, osp.join(run_dir, name), f"model.pth.tar-{epoch}"))
+             for name, payload in payloads.items()}
+    _save_atomically({"epoch": epoch, "modules": files, **resume_state}, _marker_path(run_dir, epoch))
+
+
+def latest_checkpoint_set(run_dir, names):
+    """(marker, {name: checkpoint path}) of the newest complete set of the modules `names`, or
+    None when the run has no marker at all. Incomplete or unreadable sets are skipped with a warning."""
+    epochs = sorted((int(m.group(1)) for f in (os.listdir(run_dir) if osp.isdir(run_dir) else ())
+                     if (m := MARKER_FILE.fullmatch(f))), reverse=True)
+    if not epochs:
+        return None
+    for epoch in epochs:
+        marker_path = _marker_path(run_dir, epoch)
+        try:
+            marker = torch.load(marker_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable marker: try the previous set
+            logger.warning("Skipping the checkpoint set of epoch %d: %s is unreadable (%s)", epoch, marker_path, error)
+            continue
+        files = marker.get("modules", {}) if isinstance(marker, dict) else {}
+        paths = {name: osp.join(run_dir, name, files.get(name, "")) for name in names}
+        absent = [name for name, path in paths.items() if name not in files or not osp.isfile(path)]
+        if absent:
+            logger.warning("Skipping the checkpoint set of epoch %d: it lacks %s", epoch, ", ".join(absent))
+            continue
+        return marker, paths
+    raise CheckpointError(
+        f"No complete checkpoint set in {run_dir}: every checkpoint_set.pth.tar-<epoch> there lacks a module file of "
+        f"{', '.join(names)}. Delete the run folder to train from scratch."
+    )
+
+
+def prune_checkpoints(run_dir, names, epoch, freq):
+    """After epoch `epoch` was saved: delete the previous epoch's set unless TRAIN.CHECKPOINT_FREQ
+    (`freq`) keeps it. Every epoch is saved so that an interrupted run resumes; only the last one
+    and the multiples of `freq` are kept. The marker goes first, so a kill here leaves no
+    marker of an incomplete set."""
+    previous = epoch - 1
+    if previous < 1 or (freq > 0 and previous % freq == 0):
+        return
+    marker = _marker_path(run_dir, previous)
+    if osp.isfile(marker):
+        os.remove(marker)
+    for name in names:
+        stale = osp.join(run_dir, name, f"model.pth.tar-{previous}")
+        if osp.isfile(stale):
+            os.remove(stale)
 
 
 def find_checkpoint(folder, epoch=None):
@@ -132,3 +230,54 @@ def load_weights(module, state_dict, path):
     if unexpected:
         logger.warning("Ignoring entries of %s this model does not have: %s", path, ", ".join(unexpected))
     module.load_state_dict({k: v for k, v in weights.items() if k in expected})
+
+
+# ---- runs of the RAda authors' code ----------------------------------------------------------------
+
+# Their Dassl trainers register their whole model (frozen CLIP included) under one name: RAda for
+# the head on hand-crafted prompts, LP for the adapter variants, MultiModalPromptLearner for MaPLe's.
+AUTHORS_FOLDERS = ("RAda", "LP", "MultiModalPromptLearner")
+# Where each of our registered modules sits in their whole-model state dict: (key prefix, whether
+# our module's keys are the rest of the key, i.e. the prefix is stripped).
+WHOLE_MODEL_PARTS = {
+    "rada_head": (("mha.", True),),
+    "prompt_learner": (("prompt_learner.", True),),
+    "adapter": (("adapter_image.", False), ("adapter_text.", False)),
+}
+
+
+def authors_run_folder(directory, names):
+    """The checkpoint folder of a run of the RAda authors' code in `directory`, when it holds
+    none of our modules' folders (`names`) and exactly one of theirs; else None."""
+    if not osp.isdir(directory) or any(osp.isdir(osp.join(directory, name)) for name in names):
+        return None
+    found = [folder for folder in AUTHORS_FOLDERS if osp.isdir(osp.join(directory, folder))]
+    return osp.join(directory, found[0]) if len(found) == 1 else None
+
+
+def module_part(whole_state, name, path):
+    """The weights of our module `name` in a whole-model state dict, and the key prefixes they came from."""
+    if name not in WHOLE_MODEL_PARTS:
+        raise CheckpointError(
+            f"{path} holds a whole model of the RAda authors' code; this trainer's {name} has no counterpart in it. "
+            f"Their runs load into trainers whose modules are among {', '.join(WHOLE_MODEL_PARTS)}."
+        )
+    part = {}
+    for prefix, strip in WHOLE_MODEL_PARTS[name]:
+        for key, value in whole_state.items():
+            if key.startswith(prefix):
+                part[key[len(prefix):] if strip else key] = value
+    return part, [prefix + "*" for prefix, _ in WHOLE_MODEL_PARTS[name]]
+
+
+def frozen_differences(model_state, whole_state, trained_prefixes):
+    """Keys of the whole-model state dict, outside the trained modules, whose tensor the model
+    has under the same name with another value (compared in the model's dtype)."""
+    differing = []
+    for key, value in whole_state.items():
+        if key.startswith(tuple(trained_prefixes)) or key not in model_state:
+            continue
+        ours = model_state[key]
+        if ours.shape != value.shape or not torch.equal(ours, value.to(device=ours.device, dtype=ours.dtype)):
+            differing.append(key)
+    return differing
