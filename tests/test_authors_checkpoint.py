@@ -89,6 +89,7 @@ def test_authors_head_gives_the_authors_predictions(clip_model, images, tmp_path
     assert frozen_differences(ours.state_dict(), whole, ["mha."]) == ["image_encoder.conv1.weight"]
 
 
+@pytest.mark.e2e
 def test_eval_only_loads_an_authors_run_and_refuses_a_run_of_other_modules(synthetic_data_root, tiny_clip_path,
                                                                            tmp_path):
     clip_model = load_clip(str(tiny_clip_path)).float()

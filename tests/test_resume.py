@@ -7,13 +7,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from tests.conftest import requires_dassl
 from tests.train_harness import REPO, TrainRun
 from trainers.core.results import read_run, run_finished
 
-pytestmark = requires_dassl
+pytestmark = [requires_dassl, pytest.mark.e2e]
 
 MODULES = ("prompt_learner", "rada_head")
 # 3 epochs of 5 batches: room to kill the run in the middle of epoch 2.
