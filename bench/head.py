@@ -2,11 +2,19 @@
 
 Each measurement runs in a fresh process: build the head and the inputs, reset the peak
 counter, run one forward (the memory measurement: peak minus what was in use before it),
-then time further forwards (median). Both formulations get the same weights and inputs.
+then time further forwards (median). Every side gets the same weights and inputs. The sides
+(and a measurement of the machine's fp32 matmul rate) alternate within each of --rounds rounds,
+the order reversed every round, and the table shows the median over all timed runs, so that
+load from other processes hits every side alike.
 
     python bench/head.py                      # CPU, float32, forward without autograd
     python bench/head.py --device cuda --dtype float16
     python bench/head.py --backward           # forward + backward (training step)
+
+Sides: "blocked" and "fused" are the head's two attention implementations (see
+trainers/core/rada_head.py), "dense" the spec written out literally (tests/dense_rada.py).
+GFLOP/s counts the spec's arithmetic (the same count for every side; the backward pass
+counted as twice the forward, recomputation not counted), against the measured matmul rate.
 
 On the CPU "extra peak memory" is the rise of the process's peak resident set size
 (VmHWM, reset through /proc/self/clear_refs); on CUDA it is torch's peak allocated memory.
@@ -56,8 +64,8 @@ class PeakMeter:
         return _rss_kib("VmHWM") * 1024 - self.base
 
 
-def median_seconds(run, repeats, device):
-    """Median wall time of `repeats` calls of run(), waiting for the GPU around each."""
+def timings(run, repeats, device):
+    """Wall times of `repeats` calls of run(), waiting for the GPU around each."""
     import torch
 
     times = []
@@ -69,10 +77,25 @@ def median_seconds(run, repeats, device):
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def worker(args):
+def median_seconds(run, repeats, device):
+    return statistics.median(timings(run, repeats, device))
+
+
+def head_flops(batch, classes, dim, backward):
+    """The spec's arithmetic: four D x D maps of the (B, K, D) rational matrix (key, value, rational
+    query, output), two K x K attention streams (scores and mix, 2 * 2 * B * K * K * D) and the
+    small terms; a backward pass counts twice."""
+    forward = 8 * batch * classes * dim * dim + 8 * batch * classes * classes * dim
+    forward += 2 * classes * dim * dim + 2 * batch * dim * dim + 4 * batch * classes * dim
+    return forward * (3 if backward else 1)
+
+
+def head_step(impl, batch, classes, dim, heads, device, dtype, backward):
+    """A function running one step of the head (implementation impl, or the dense reference) with
+    random weights, as a training (backward) or evaluation step at this size."""
     import torch
     from torch.nn import functional as F
 
@@ -80,34 +103,52 @@ def worker(args):
     from tests.dense_rada import dense_reference
     from trainers.core.rada_head import RAdaHead
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    head = RAdaHead(args.dim, num_heads=args.heads).to(device)
+    device = torch.device(device)
+    head = RAdaHead(dim, num_heads=heads, attention_impl="auto" if impl == "dense" else impl).to(device)
     with torch.no_grad():
         for param in head.parameters():
-            param.normal_(0, args.dim**-0.5)
-    image = F.normalize(torch.randn(args.batch, args.dim, device=device), dim=-1)
-    text = F.normalize(torch.randn(args.classes, args.dim, device=device), dim=-1)
-    forward = RAdaHead.forward if args.impl == "ours" else dense_reference
+            param.normal_(0, dim**-0.5)
+    image = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
+    text = F.normalize(torch.randn(classes, dim, device=device), dim=-1)
+    forward = dense_reference if impl == "dense" else RAdaHead.forward
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
-        inputs = [image.requires_grad_(args.backward), text]
-        with torch.set_grad_enabled(args.backward), autocast:
+        inputs = [image.requires_grad_(backward), text]
+        with torch.set_grad_enabled(backward), autocast:
             logits, mask = forward(head, *inputs, 100.0)
-        if args.backward:
+        if backward:
             (logits.float().sum() + mask.float().mean()).backward()
         return logits
 
+    return step
+
+
+def matmul_worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size = 4096
+    left, right = (torch.randn(size, size, device=args.device) for _ in range(2))
+    times = timings(lambda: left @ right, args.repeats, args.device)
+    print(json.dumps({"gflops": [2 * size**3 / t / 1e9 for t in times]}))
+
+
+def worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = head_step(args.impl, args.batch, args.classes, args.dim, args.heads, args.device,
+                     getattr(torch, args.dtype), args.backward)
     meter = PeakMeter(args.device)
     meter.reset()
     logits = step()
     extra = meter.extra()
     checksum = float(logits.float().sum())
     del logits
-    seconds = median_seconds(step, args.repeats, args.device)
-    print(json.dumps({"seconds": seconds, "extra_bytes": extra, "checksum": checksum}))
+    times = timings(step, args.repeats, args.device)
+    print(json.dumps({"times": times, "extra_bytes": extra, "checksum": checksum}))
 
 
 def measure(args, impl, classes):
@@ -126,41 +167,64 @@ def measure(args, impl, classes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes-list", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument("--impls", nargs="+", default=["blocked", "fused", "dense"],
+                        choices=["auto", "blocked", "fused", "dense"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per side, sides alternated")
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
-    parser.add_argument("--worker", choices=["ours", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["auto", "blocked", "fused", "dense", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--classes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.impl = args.worker
-        return worker(args)
+        return matmul_worker(args) if args.worker == "matmul" else worker(args)
 
     from tabulate import tabulate
 
+    sides = [(impl, classes) for classes in args.classes_list for impl in args.impls] + [("matmul", 0)]
+    results = {side: {"times": [], "gflops": [], "extra_bytes": []} for side in sides}
+    errors = {}
+    for round_index in range(args.rounds):
+        for side in sides if round_index % 2 == 0 else sides[::-1]:
+            result = measure(args, *side)
+            if "error" in result:
+                errors[side] = result["error"]
+                continue
+            for key in ("times", "gflops"):
+                results[side][key] += result.get(key, [])
+            results[side]["extra_bytes"].append(result.get("extra_bytes", 0))
+    matmul = statistics.median(results[("matmul", 0)]["gflops"]) if results[("matmul", 0)]["gflops"] else float("nan")
     mode = "forward + backward" if args.backward else "forward (no autograd)"
-    print(f"RAda head vs dense: B={args.batch}, D={args.dim}, {args.heads} heads, {args.device} {args.dtype}, "
-          f"{args.threads} threads, {mode}")
+    print(f"RAda head: B={args.batch}, D={args.dim}, {args.heads} heads, {args.device} {args.dtype}, "
+          f"{args.threads} threads, {mode}; {args.rounds} rounds x {args.repeats} runs, medians; "
+          f"fp32 matmul 4096^2: {matmul:.0f} GFLOP/s")
     rows = []
     for classes in args.classes_list:
-        ours, dense = measure(args, "ours", classes), measure(args, "dense", classes)
-        if "error" in ours or "error" in dense:
-            rows.append([classes, ours.get("error", ""), dense.get("error", ""), "", "", "", ""])
-            continue
-        rows.append([
-            classes,
-            f"{ours['seconds'] * 1e3:.1f}", f"{dense['seconds'] * 1e3:.1f}",
-            f"{dense['seconds'] / ours['seconds']:.2f}x",
-            f"{ours['extra_bytes'] / 2**20:.0f}", f"{dense['extra_bytes'] / 2**20:.0f}",
-            f"{dense['extra_bytes'] / max(ours['extra_bytes'], 1):.1f}x",
-        ])
-    print(tabulate(rows, headers=["K", "ours ms", "dense ms", "speed-up", "ours MiB", "dense MiB", "memory ratio"],
-                   tablefmt="github"))
+        dense = results.get(("dense", classes))
+        dense_seconds = statistics.median(dense["times"]) if dense and dense["times"] else None
+        dense_bytes = max(dense["extra_bytes"]) if dense and dense["extra_bytes"] else None
+        for impl in args.impls:
+            side = (impl, classes)
+            if side in errors or not results[side]["times"]:
+                rows.append([classes, impl, errors.get(side, "failed"), "", "", "", "", ""])
+                continue
+            seconds = statistics.median(results[side]["times"])
+            extra = max(results[side]["extra_bytes"])
+            gflops = head_flops(args.batch, classes, args.dim, args.backward) / seconds / 1e9
+            rows.append([
+                classes, impl, f"{seconds * 1e3:.1f}",
+                f"{dense_seconds / seconds:.2f}x" if dense_seconds else "",
+                f"{extra / 2**20:.0f}", f"{dense_bytes / max(extra, 1):.1f}x" if dense_bytes else "",
+                f"{gflops:.0f}", f"{gflops / matmul:.0%}",
+            ])
+    print(tabulate(rows, headers=["K", "side", "ms", "speed-up vs dense", "extra MiB", "memory ratio vs dense",
+                                  "GFLOP/s", "of matmul"], tablefmt="github"))
 
 
 if __name__ == "__main__":

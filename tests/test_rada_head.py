@@ -9,10 +9,11 @@ from tests.dense_rada import dense_reference
 from trainers.core.rada_head import RAdaHead
 
 
-def random_head(dim, heads, temperature, dtype=torch.float64, seed=0, block_elements=None):
+def random_head(dim, heads, temperature, dtype=torch.float64, seed=0, block_elements=None, attention_impl="blocked"):
+    """A head with random weights; the blocked loop unless told (tests/test_rada_fused.py covers the fused path)."""
     torch.manual_seed(seed)
     kwargs = {} if block_elements is None else {"block_elements": block_elements}
-    head = RAdaHead(dim, num_heads=heads, temperature=temperature, **kwargs).to(dtype)
+    head = RAdaHead(dim, num_heads=heads, temperature=temperature, attention_impl=attention_impl, **kwargs).to(dtype)
     with torch.no_grad():
         for param in head.parameters():
             param.normal_(0, 1.0 / math.sqrt(dim))

@@ -41,6 +41,9 @@ def extend_cfg(cfg):
     cfg.TRAINER.RADA.ALPHA = 0.0
     cfg.TRAINER.RADA.TEMP = 1.0  # temperature of the global softmax
     cfg.TRAINER.RADA.NUM_HEADS = 8
+    # The head's attention: "fused" (PyTorch's fused attention kernel), "blocked" (a loop of small
+    # blocks, any device) or "auto" (fused where this torch has the kernel; see rada_head.py).
+    cfg.TRAINER.RADA.ATTENTION_IMPL = "auto"
     cfg.TRAINER.RADA.PREC = "fp16"  # precision of CLIP in the RAda trainer (the head is fp32)
     # Hand-crafted prompt of the RAda trainer; "" picks CoOp's per-dataset zero-shot template.
     cfg.TRAINER.RADA.TEMPLATE = "a photo of a {}."

@@ -13,9 +13,17 @@ Attention (per image, H heads of width D/H, scale a = 1 / (sqrt(D/H) * tau)):
 
 The K x K matrices are never built whole. Q1's rows are identical, so A_1 reduces to one
 row-softmax over K keys. For Q2 and Q3 a global softmax equals a row softmax re-weighted by
-K * exp(L_i - L) (L_i the log-sum-exp of row i, L that of all L_i), which
-`_GlobalSoftmaxAttention` evaluates in blocks of query rows, in the forward pass and again
-(recomputing scores) in the backward pass. Memory therefore grows linearly in K.
+K * exp(L_i - L) (L_i the log-sum-exp of row i, L that of all L_i): the two streams run as
+ordinary row-softmax attention that also returns L_i, and the re-weighting is plain autograd
+on top. The row attention has two implementations with the same results:
+
+- "blocked": a loop over one image's key block and a few query rows at a time, in the forward
+  pass and again (recomputing scores) in the backward pass; any device and dtype.
+- "fused": PyTorch's fused attention kernels, which return L_i (on the CPU its flash-attention
+  kernel, on CUDA its memory-efficient kernel). They are private operators, so the head checks
+  that they exist and falls back to the blocked loop ("auto") where they do not.
+
+Memory grows linearly in K either way.
 """
 
 import math
@@ -28,93 +36,233 @@ from torch.nn import functional as F
 from .errors import UserFacingError
 from .precision import autocast_enabled
 
-# Score elements (B * H * rows * K) per block; bounds the scratch memory of one block.
-DEFAULT_BLOCK_ELEMENTS = 1 << 23
+ATTENTION_IMPLS = ("auto", "blocked", "fused")
+
+# Score elements (images * heads * query rows * keys) of one block of the blocked loop: 16 MiB of
+# float32 scores, within a CPU's last-level cache. Of 2**18 to 2**22 this was the fastest on the
+# 2-core development CPU (fewer, larger operations; see bench/README.md).
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+
+_FUSED_DTYPES = {
+    "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+_FUSED_OPS = {"cpu": "_scaled_dot_product_flash_attention_for_cpu", "cuda": "_scaled_dot_product_efficient_attention"}
+# The fused backward gets one extra feature column (see _FusedRowAttention); CUDA's kernel wants
+# head widths in multiples of 8.
+_FUSED_PAD = {"cpu": 1, "cuda": 8}
 
 
-def _block_rows(batch, heads, num_keys, block_elements):
-    return max(1, block_elements // max(1, batch * heads * num_keys))
-
-
-class _GlobalSoftmaxAttention(torch.autograd.Function):
-    """out[i] = sum_j K * softmax_all(scale * q k^T)[i, j] * v[j], computed in row blocks.
-
-    q: (Bq, H, K, dh) with Bq in {1, B} (a query shared by the batch is not expanded);
-    k, v: (B, H, K, dh). Matrix products run in the inputs' dtype; exponentials and sums
-    in at least float32, as fused attention kernels do.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, block_elements):
-        with torch.autocast(k.device.type, enabled=False):
-            out, total_lse, rows = _global_softmax_forward(q, k, v, scale, block_elements)
-        ctx.save_for_backward(q, k, v, out, total_lse)
-        ctx.scale = scale
-        ctx.rows = rows
-        return out.to(v.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, total_lse = ctx.saved_tensors
-        with torch.autocast(k.device.type, enabled=False):
-            grads = _global_softmax_backward(q, k, v, out, total_lse, grad_out, ctx.scale, ctx.rows)
-        return (*grads, None, None)
+def fused_attention_available(device, dtype):
+    """Whether this torch has a fused attention kernel with the row log-sum-exp for device and dtype."""
+    device_type = torch.device(device).type
+    return dtype in _FUSED_DTYPES.get(device_type, ()) and hasattr(torch.ops.aten, _FUSED_OPS[device_type])
 
 
 def _accumulation_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _global_softmax_forward(q, k, v, scale, block_elements):
+def _blocks(batch, rows, heads, num_keys, block_elements):
+    """(first image, last image + 1, first row, last row + 1) of each block: a few query rows of one
+    image, or all rows of several images when one image's scores fit the budget. Either way the
+    block's slice of a (B, H, rows, ...) tensor flattens to (images * H, block rows, ...) as a view."""
+    block_rows = max(1, block_elements // max(1, heads * num_keys))
+    if block_rows < rows:
+        for image in range(batch):
+            for start in range(0, rows, block_rows):
+                yield image, image + 1, start, min(start + block_rows, rows)
+    else:
+        images = max(1, block_rows // rows)
+        for first in range(0, batch, images):
+            yield first, min(first + images, batch), 0, rows
+
+
+def _block_view(x, first, last, start, stop):
+    """Rows start:stop of images first:last of x (Bx, H, N, ...) as (images * H, rows, ...); a query
+    shared by the batch (Bx = 1) is repeated for each image."""
+    if x.shape[0] == 1:
+        return x[:, :, start:stop].expand(last - first, *x.shape[1:2], stop - start, *x.shape[3:]).flatten(0, 1)
+    return x[first:last, :, start:stop].flatten(0, 1)
+
+
+def _add_product(target, left, right):
+    """target += left @ right (batched), inside the product when the dtypes allow it."""
+    if target.dtype == left.dtype:
+        target.baddbmm_(left, right)
+    else:
+        target.add_(torch.bmm(left, right))
+
+
+def _scratch(buffer, *shape):
+    return buffer[: math.prod(shape)].view(shape)
+
+
+class _BlockedRowAttention(torch.autograd.Function):
+    """Row-softmax attention softmax(q k^T) v and the row log-sum-exp, for several query streams
+    that share the keys and values. k, v: (B, H, K, dh); each query (Bq, H, N, dh) with Bq in
+    {1, B} (a query shared by the batch is not expanded). Returns the streams' outputs
+    (B, H, N, dh), then their log-sum-exps (B, H, N). Matrix products run in the inputs' dtype,
+    exponentials and sums in at least float32, as fused attention kernels do.
+
+    The loop visits one image at a time (its keys and values stay in cache for all its query
+    rows) and a block of query rows per step; the backward pass recomputes each block's scores.
+    """
+
+    @staticmethod
+    def forward(ctx, block_elements, k, v, *queries):
+        with torch.autocast(k.device.type, enabled=False):
+            outs, lses = _blocked_forward(queries, k, v, block_elements)
+        ctx.save_for_backward(k, v, *queries, *outs, *lses)
+        ctx.block_elements = block_elements
+        return (*outs, *lses)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        k, v, *rest = ctx.saved_tensors
+        streams = len(grads) // 2
+        queries, outs, lses = rest[:streams], rest[streams : 2 * streams], rest[2 * streams :]
+        with torch.autocast(k.device.type, enabled=False):
+            grad_k, grad_v, grad_queries = _blocked_backward(
+                queries, k, v, outs, lses, grads[:streams], grads[streams:], ctx.block_elements
+            )
+        return (None, grad_k, grad_v, *grad_queries)
+
+
+def _blocked_forward(queries, k, v, block_elements):
     batch, heads, num_keys, head_dim = k.shape
     acc = _accumulation_dtype(v.dtype)
-    rows = _block_rows(batch, heads, num_keys, block_elements)
-    key_t = k.transpose(-1, -2)
-    out = torch.empty(batch, heads, num_keys, head_dim, dtype=acc, device=k.device)
-    row_lse = torch.empty(batch, heads, num_keys, 1, dtype=acc, device=k.device)
-    for start in range(0, num_keys, rows):
-        stop = min(start + rows, num_keys)
-        scores = torch.matmul(q[:, :, start:stop] * scale, key_t).to(acc)
-        row_max = scores.amax(dim=-1, keepdim=True)
-        weights = scores.sub_(row_max).exp_()
-        row_sum = weights.sum(dim=-1, keepdim=True)
-        block = torch.matmul(weights.to(v.dtype), v).to(acc)
-        out[:, :, start:stop] = block.div_(row_sum)
-        row_lse[:, :, start:stop] = row_max + row_sum.log()
-    total_lse = torch.logsumexp(row_lse, dim=2, keepdim=True)
-    # Row i of the global softmax (times K) is the row softmax scaled by K * exp(L_i - L).
-    out.mul_(row_lse.sub_(total_lse).exp_().mul_(num_keys))
-    return out, total_lse, rows
+    outs = [torch.empty(batch, heads, q.shape[2], head_dim, dtype=acc, device=k.device) for q in queries]
+    lses = [torch.empty(batch, heads, q.shape[2], 1, dtype=acc, device=k.device) for q in queries]
+    scores_buffer = torch.empty(max(block_elements, heads * num_keys), dtype=k.dtype, device=k.device)
+    for q, out, lse in zip(queries, outs, lses, strict=True):
+        for first, last, start, stop in _blocks(batch, q.shape[2], heads, num_keys, block_elements):
+            key_t = k[first:last].flatten(0, 1).transpose(-1, -2)
+            shape = ((last - first) * heads, stop - start, num_keys)
+            scores = torch.bmm(_block_view(q, first, last, start, stop), key_t, out=_scratch(scores_buffer, *shape))
+            scores = scores.to(acc)
+            row_max = scores.amax(dim=-1, keepdim=True)
+            weights = scores.sub_(row_max).exp_()
+            row_sum = weights.sum(dim=-1, keepdim=True)
+            block = _block_view(out, first, last, start, stop)
+            block.copy_(torch.bmm(weights.to(v.dtype), v[first:last].flatten(0, 1))).div_(row_sum)
+            _block_view(lse, first, last, start, stop).copy_(row_sum.log_().add_(row_max))
+    return outs, [lse.squeeze(-1) for lse in lses]
 
 
-def _global_softmax_backward(q, k, v, out, total_lse, grad_out, scale, rows):
-    num_keys = k.shape[2]
+def _blocked_backward(queries, k, v, outs, lses, grad_outs, grad_lses, block_elements):
+    """Softmax backward per row: dS = P * (dO v^T - D), D = rowsum(dO * O) - dL (dL: the
+    gradient reaching the row log-sum-exp, whose derivative in the scores is P itself)."""
+    batch, heads, num_keys, head_dim = k.shape
     acc = _accumulation_dtype(v.dtype)
-    grad_out = grad_out.to(v.dtype)
-    # Softmax over all K*K entries: dZ = G * (dG - c) with c = sum(G * dG) / K = sum(dO * O) / K.
-    centre = (grad_out.to(acc) * out).sum(dim=(-1, -2), keepdim=True).div_(num_keys)
-    grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-    key_t = k.transpose(-1, -2)
-    value_t = v.transpose(-1, -2)
-    shared_query = q.shape[0] != k.shape[0]
-    for start in range(0, num_keys, rows):
-        stop = min(start + rows, num_keys)
-        q_block = q[:, :, start:stop]
-        d_out = grad_out[:, :, start:stop]
-        attn = torch.matmul(q_block * scale, key_t).to(acc)
-        attn = attn.sub_(total_lse).exp_().mul_(num_keys)
-        grad_v += torch.matmul(attn.transpose(-1, -2).to(v.dtype), d_out).to(acc)
-        grad_scores = torch.matmul(d_out, value_t).to(acc)
-        grad_scores = grad_scores.sub_(centre).mul_(attn).mul_(scale).to(k.dtype)
-        block_grad_q = torch.matmul(grad_scores, k).to(acc)
-        if shared_query:
-            block_grad_q = block_grad_q.sum(dim=0, keepdim=True)
-        grad_q[:, :, start:stop] = block_grad_q
-        grad_k += torch.matmul(grad_scores.transpose(-1, -2), q_block).to(acc)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    grad_queries = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in queries]
+    deltas = [
+        (d_out.to(acc) * out).sum(dim=-1, keepdim=True).sub_(d_lse.unsqueeze(-1))
+        for d_out, out, d_lse in zip(grad_outs, outs, grad_lses, strict=True)
+    ]
+    grad_outs = [d_out.to(v.dtype) for d_out in grad_outs]
+    lses = [lse.unsqueeze(-1) for lse in lses]
+    scores_buffer = torch.empty(max(block_elements, heads * num_keys), dtype=k.dtype, device=k.device)
+    grad_buffer = torch.empty_like(scores_buffer)
+    for q, grad_q, lse, d_out, delta in zip(queries, grad_queries, lses, grad_outs, deltas, strict=True):
+        for first, last, start, stop in _blocks(batch, q.shape[2], heads, num_keys, block_elements):
+            key, value = k[first:last].flatten(0, 1), v[first:last].flatten(0, 1)
+            shape = ((last - first) * heads, stop - start, num_keys)
+            q_block = _block_view(q, first, last, start, stop)
+            d_out_block = _block_view(d_out, first, last, start, stop)
+            attn = torch.bmm(q_block, key.transpose(-1, -2), out=_scratch(scores_buffer, *shape)).to(acc)
+            attn = attn.sub_(_block_view(lse, first, last, start, stop)).exp_()
+            _add_product(grad_v[first:last].flatten(0, 1), attn.transpose(-1, -2).to(v.dtype), d_out_block)
+            grad_scores = torch.bmm(d_out_block, value.transpose(-1, -2), out=_scratch(grad_buffer, *shape)).to(acc)
+            grad_scores = grad_scores.sub_(_block_view(delta, first, last, start, stop)).mul_(attn).to(k.dtype)
+            _add_product(grad_k[first:last].flatten(0, 1), grad_scores.transpose(-1, -2), q_block)
+            if q.shape[0] == 1:  # a shared query collects the gradient of every image
+                block_grad = torch.bmm(grad_scores, key).unflatten(0, (last - first, heads)).sum(dim=0)
+                grad_q[0, :, start:stop] += block_grad.to(acc)
+            else:
+                _add_product(_block_view(grad_q, first, last, start, stop), grad_scores, key)
+    grad_queries = [grad.to(q.dtype) for grad, q in zip(grad_queries, queries, strict=True)]
+    return grad_k.to(k.dtype), grad_v.to(v.dtype), grad_queries
+
+
+class _FusedRowAttention(torch.autograd.Function):
+    """_BlockedRowAttention's contract through PyTorch's fused attention kernel: the streams'
+    queries are concatenated along the rows (one call shares the keys and values).
+
+    The kernels' backward takes no gradient for the log-sum-exp; it enters through one extra
+    feature column. The kernel computes D = rowsum(dO' * O') and dS = P * (dO' v'^T - D); with
+    v' = [v, 0], dO' = [dO, 1] and O' = [O, -dL] this is D = rowsum(dO * O) - dL, exactly the
+    softmax backward with the log-sum-exp's gradient (q and k get zero columns).
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, *queries):
+        batch = k.shape[0]
+        rows = [q.shape[2] for q in queries]
+        query = torch.cat([q.expand(batch, -1, -1, -1) for q in queries], dim=2)
+        with torch.autocast(k.device.type, enabled=False):
+            out, lse, kernel_state = _fused_forward(query, k, v, k.device.type)
+        outs = out.split(rows, dim=2)
+        lses = lse[..., : sum(rows)].split(rows, dim=-1)
+        ctx.save_for_backward(k, v, lse, *queries, *outs)
+        ctx.kernel_state = kernel_state
+        return (*outs, *lses)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        k, v, lse, *rest = ctx.saved_tensors
+        streams = len(grads) // 2
+        queries, outs = rest[:streams], rest[streams:]
+        batch, heads, _, head_dim = k.shape
+        width = head_dim + _FUSED_PAD[k.device.type]
+
+        def padded(parts, column=None):
+            result = k.new_zeros(batch, heads, sum(part.shape[2] for part in parts), width)
+            start = 0
+            for part in parts:  # a query shared by the batch broadcasts into every image's rows
+                result[:, :, start : start + part.shape[2], :head_dim] = part
+                start += part.shape[2]
+            if column is not None:
+                result[..., head_dim] = column
+            return result
+
+        grad_lse = torch.cat(grads[streams:], dim=-1)
+        with torch.autocast(k.device.type, enabled=False):
+            grad_query, grad_k, grad_v = _fused_backward(
+                padded(grads[:streams], 1.0), padded(queries), padded([k]), padded([v]),
+                padded(outs, -grad_lse), lse, ctx.kernel_state, k.device.type,
+            )
+        grad_queries = grad_query[..., :head_dim].split([q.shape[2] for q in queries], dim=2)
+        grad_queries = [g.sum(dim=0, keepdim=True) if q.shape[0] == 1 < batch else g for g, q in zip(grad_queries, queries, strict=True)]
+        return (grad_k[..., :head_dim], grad_v[..., :head_dim], *grad_queries)
+
+
+def _fused_forward(query, k, v, kernel):
+    """(out, row log-sum-exp, what the backward kernel needs besides them) from kernel "cpu" or
+    "cuda"; the scale is folded into q. CUDA's log-sum-exp has its rows padded to a multiple of 32."""
+    if kernel == "cuda":
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, k, v, None, True, scale=1.0
+        )
+        return out, lse, (seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, scale=1.0)
+    return out, lse, ()
+
+
+def _fused_backward(grad_out, query, k, v, out, lse, kernel_state, kernel):
+    if kernel == "cuda":
+        seed, offset = kernel_state
+        grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, query, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], scale=1.0
+        )
+        return grads[:3]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, query, k, v, out, lse, 0.0, False, scale=1.0
+    )
 
 
 class RAdaHead(nn.Module):
@@ -123,19 +271,26 @@ class RAdaHead(nn.Module):
     Parameters are named as in the authors' code (q_proj1, q_proj2, q_proj3, k_proj,
     v_proj, out_proj) so their trained layers load unchanged. None depends on the number
     of classes, so a head trained on some classes applies to any others.
+
+    attention_impl: "blocked", "fused" or "auto" (fused where fused_attention_available says
+    this torch has the kernel for the device and dtype, else blocked); see the module docstring.
     """
 
-    def __init__(self, embed_dim, num_heads=8, temperature=1.0, block_elements=DEFAULT_BLOCK_ELEMENTS):
+    def __init__(self, embed_dim, num_heads=8, temperature=1.0, block_elements=DEFAULT_BLOCK_ELEMENTS,
+                 attention_impl="auto"):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"RAdaHead: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if temperature <= 0:
             raise ValueError(f"RAdaHead: temperature must be positive, got {temperature}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"RAdaHead: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.temperature = float(temperature)
         self.block_elements = int(block_elements)
+        self.attention_impl = attention_impl
         self.q_proj1 = nn.Linear(embed_dim, embed_dim)
         self.q_proj2 = nn.Linear(embed_dim, embed_dim)
         self.q_proj3 = nn.Linear(embed_dim, embed_dim)
@@ -147,11 +302,25 @@ class RAdaHead(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def extra_repr(self):
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, temperature={self.temperature}"
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, temperature={self.temperature}, "
+                f"attention_impl={self.attention_impl}")
 
     def _split_heads(self, x):
         """(..., N, D) -> (..., H, N, D/H), contiguous so that batched products need no copies."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2).contiguous()
+
+    def uses_fused_attention(self, device, dtype):
+        """Whether a forward on features of this device and (attention) dtype takes the fused kernel."""
+        if self.attention_impl == "blocked":
+            return False
+        available = fused_attention_available(device, dtype)
+        if self.attention_impl == "fused" and not available:
+            raise UserFacingError(
+                f"RAdaHead: attention_impl 'fused' needs a fused attention kernel for {torch.device(device).type} "
+                f"{dtype}, which torch {torch.__version__} does not have; set TRAINER.RADA.ATTENTION_IMPL to auto "
+                "or blocked"
+            )
+        return available
 
     def forward(self, image_features, text_features, logit_scale):
         """Return (logits (B, K), mask (B, K, D)).
@@ -180,27 +349,32 @@ class RAdaHead(nn.Module):
         const_scale = scale.detach()
         root_scale = const_scale.sqrt()
         batch, num_classes = image_features.shape[0], text_features.shape[0]
+        attn_scale = 1.0 / (math.sqrt(self.head_dim) * self.temperature)
 
         rational = image_features.unsqueeze(1) * text_features.unsqueeze(0)  # (B, K, D)
-        # s and sqrt(s) are folded into the D x D weights instead of scaling (B, K, D) inputs.
-        key = self._split_heads(F.linear(rational, self.k_proj.weight * const_scale, self.k_proj.bias))
-        value = self._split_heads(F.linear(rational, self.v_proj.weight * const_scale, self.v_proj.bias))
-        q_image = F.linear(image_features, self.q_proj1.weight * root_scale, self.q_proj1.bias)
-        q_text = F.linear(text_features, self.q_proj2.weight * root_scale, self.q_proj2.bias)
-        q_rational = F.linear(rational, self.q_proj3.weight * const_scale, self.q_proj3.bias)
+        # s, sqrt(s) and the attention scale are folded into the D x D weights instead of scaling
+        # (B, K, D) tensors, and the three maps of the rational matrix run as one product.
+        weight = torch.cat([self.k_proj.weight * const_scale, self.v_proj.weight * const_scale,
+                            self.q_proj3.weight * (const_scale * attn_scale)])
+        bias = torch.cat([self.k_proj.bias, self.v_proj.bias, self.q_proj3.bias * attn_scale])
+        projected = F.linear(rational, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+        key, value, q_rational = projected.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, H, K, dh)
+        q_image = F.linear(image_features, self.q_proj1.weight * (root_scale * attn_scale), self.q_proj1.bias * attn_scale)
+        q_text = F.linear(text_features, self.q_proj2.weight * (root_scale * attn_scale), self.q_proj2.bias * attn_scale)
 
-        attn_scale = 1.0 / (math.sqrt(self.head_dim) * self.temperature)
         # Q1: all rows equal, so the global softmax times K is one row softmax over the keys.
         q_image = q_image.unflatten(-1, (self.num_heads, self.head_dim)).unsqueeze(-2)  # (B, H, 1, dh)
-        image_scores = torch.matmul(q_image * attn_scale, key.transpose(-1, -2))
-        image_weights = torch.softmax(image_scores.to(_accumulation_dtype(value.dtype)), dim=-1)
-        image_weights = image_weights.to(value.dtype)
-        mixed = torch.matmul(image_weights, value)  # (B, H, 1, dh), broadcast over class rows
-        q_text = self._split_heads(q_text).unsqueeze(0)  # (1, H, K, dh), shared by the batch
-        mixed = mixed + _GlobalSoftmaxAttention.apply(q_text, key, value, attn_scale, self.block_elements)
-        mixed = mixed + _GlobalSoftmaxAttention.apply(
-            self._split_heads(q_rational), key, value, attn_scale, self.block_elements
-        )
+        image_weights = torch.softmax(torch.matmul(q_image, key.transpose(-1, -2)).to(_accumulation_dtype(value.dtype)), dim=-1)
+        mixed = torch.matmul(image_weights.to(value.dtype), value)  # (B, H, 1, dh), broadcast over class rows
+        # Q2 (shared by the batch, not expanded) and Q3: row attention, then the global re-weighting.
+        queries = (self._split_heads(q_text).unsqueeze(0), q_rational)
+        if self.uses_fused_attention(key.device, key.dtype):
+            results = _FusedRowAttention.apply(key, value, *queries)
+        else:
+            results = _BlockedRowAttention.apply(self.block_elements, key, value, *queries)
+        for out, row_lse in zip(results[:2], results[2:], strict=True):
+            weights = torch.exp(row_lse - torch.logsumexp(row_lse, dim=-1, keepdim=True)) * num_classes
+            mixed = mixed + out * weights.unsqueeze(-1)
         mixed = (mixed / 3).transpose(1, 2).reshape(batch, num_classes, self.embed_dim)
         # relu(1 + m) - 1 == max(m, -1): keep the deviation from 1, so M == 1 adds exactly 0.
         deviation = self.out_proj(mixed).clamp(min=-1.0)
@@ -237,4 +411,8 @@ def rada_head(cfg, embed_dim):
             f"TRAINER.RADA.NUM_HEADS is {rada.NUM_HEADS}; it must be a divisor of the feature width {embed_dim} "
             f"of this CLIP (e.g. {', '.join(map(str, divisors))})."
         )
-    return RAdaHead(embed_dim, num_heads=rada.NUM_HEADS, temperature=rada.TEMP)
+    if rada.ATTENTION_IMPL not in ATTENTION_IMPLS:
+        raise UserFacingError(
+            f"TRAINER.RADA.ATTENTION_IMPL must be one of {', '.join(ATTENTION_IMPLS)}, got {rada.ATTENTION_IMPL!r}"
+        )
+    return RAdaHead(embed_dim, num_heads=rada.NUM_HEADS, temperature=rada.TEMP, attention_impl=rada.ATTENTION_IMPL)
