@@ -1,0 +1,25 @@
+"""bench/gpu_check.sh's CPU parts at toy sizes, so that the GPU check does not rot between GPU runs."""
+
+import os
+import subprocess
+import sys
+
+from tests.train_harness import REPO
+
+
+def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
+    environment = dict(os.environ, RADA_SKIP_SETUP="1",
+                       PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--device", "cpu", "--small"],
+                            cwd=REPO, env=environment, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    parts = {line.split("|")[1].strip() for line in table[1:]}
+    assert parts == {"head", "train", "eval", "ttt"}, result.stdout
+    for impl in ("blocked", "fused", "dense"):
+        assert any(f"| {impl} B=4 K=12 fp32" in line for line in table), impl
+    # The fused and blocked heads were compared with the dense one in float64 on the way.
+    assert sum("rel. error vs dense fp64" in line for line in table) == 2
+    for trainer in ("RAda ", "RAdaCoOp ", "RAdaMaPLe "):
+        assert sum(line.startswith("| train") and f"| {trainer}PREC" in line for line in table) == 2, trainer
+    assert "all checks passed" in result.stdout
