@@ -74,7 +74,7 @@ def tpt_loop(classifier, optimizer, image_features, steps, fraction):
         optimizer.step()
     with torch.no_grad():
         prediction = classifier.classify(image_features[:1], text_features).logits
-        for param, value in zip(classifier.head.parameters(), initial):
+        for param, value in zip(classifier.head.parameters(), initial, strict=True):
             param.copy_(value)
     optimizer.load_state_dict(state)
     return prediction
@@ -161,7 +161,7 @@ def main():
                 rows.append([classes, steps, ours.get("error", ""), tpt.get("error", ""), "", "", "", "", ""])
                 continue
             # The same views, weights and optimiser: both must predict the same logits.
-            gap = max(abs(a - b) for a, b in zip(ours["prediction"], tpt["prediction"]))
+            gap = max(abs(a - b) for a, b in zip(ours["prediction"], tpt["prediction"], strict=True))
             rows.append([
                 classes, steps,
                 f"{ours['seconds'] * 1e3:.1f}", f"{tpt['seconds'] * 1e3:.1f}",

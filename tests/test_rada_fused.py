@@ -62,7 +62,7 @@ def test_fused_matches_dense_reference_in_float64(batch, classes, dim, heads, te
 
 @requires_cpu_fused
 @pytest.mark.parametrize("batch,classes,dim,heads,temperature,block", CASES[1:])
-def test_fused_and_blocked_in_float32_match_the_dense_reference_in_float64(batch, classes, dim, heads, temperature, block):
+def test_fused_and_blocked_in_float32_match_dense_in_float64(batch, classes, dim, heads, temperature, block):
     head, image, text = head_and_inputs(batch, classes, dim, heads, temperature, torch.float64)
     weights = torch.randn(batch, classes, dtype=torch.float64)
     truth = values_and_grads(dense_reference, head, image, text, 100.0, weights)

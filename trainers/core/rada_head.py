@@ -237,7 +237,10 @@ class _FusedRowAttention(torch.autograd.Function):
                 padded(outs, -grad_lse), lse, ctx.kernel_state, k.device.type,
             )
         grad_queries = grad_query[..., :head_dim].split([q.shape[2] for q in queries], dim=2)
-        grad_queries = [g.sum(dim=0, keepdim=True) if q.shape[0] == 1 < batch else g for g, q in zip(grad_queries, queries, strict=True)]
+        grad_queries = [
+            grad.sum(dim=0, keepdim=True) if q.shape[0] == 1 < batch else grad
+            for grad, q in zip(grad_queries, queries, strict=True)
+        ]
         return (grad_k[..., :head_dim], grad_v[..., :head_dim], *grad_queries)
 
 
@@ -284,7 +287,9 @@ class RAdaHead(nn.Module):
         if temperature <= 0:
             raise ValueError(f"RAdaHead: temperature must be positive, got {temperature}")
         if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"RAdaHead: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
+            raise ValueError(
+                f"RAdaHead: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -359,12 +364,14 @@ class RAdaHead(nn.Module):
         bias = torch.cat([self.k_proj.bias, self.v_proj.bias, self.q_proj3.bias * attn_scale])
         projected = F.linear(rational, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
         key, value, q_rational = projected.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, H, K, dh)
-        q_image = F.linear(image_features, self.q_proj1.weight * (root_scale * attn_scale), self.q_proj1.bias * attn_scale)
-        q_text = F.linear(text_features, self.q_proj2.weight * (root_scale * attn_scale), self.q_proj2.bias * attn_scale)
+        query_scale = root_scale * attn_scale
+        q_image = F.linear(image_features, self.q_proj1.weight * query_scale, self.q_proj1.bias * attn_scale)
+        q_text = F.linear(text_features, self.q_proj2.weight * query_scale, self.q_proj2.bias * attn_scale)
 
         # Q1: all rows equal, so the global softmax times K is one row softmax over the keys.
         q_image = q_image.unflatten(-1, (self.num_heads, self.head_dim)).unsqueeze(-2)  # (B, H, 1, dh)
-        image_weights = torch.softmax(torch.matmul(q_image, key.transpose(-1, -2)).to(_accumulation_dtype(value.dtype)), dim=-1)
+        image_scores = torch.matmul(q_image, key.transpose(-1, -2))
+        image_weights = torch.softmax(image_scores.to(_accumulation_dtype(value.dtype)), dim=-1)
         mixed = torch.matmul(image_weights.to(value.dtype), value)  # (B, H, 1, dh), broadcast over class rows
         # Q2 (shared by the batch, not expanded) and Q3: row attention, then the global re-weighting.
         queries = (self._split_heads(q_text).unsqueeze(0), q_rational)
