@@ -157,19 +157,14 @@ def build_clip(small):
 
 def base_cfg(small):
     """Dassl's default config (when installed) with this project's keys."""
-    from yacs.config import CfgNode as CN
-
-    from trainers.config import extend_cfg
+    from trainers.config import defaults, extend_cfg
 
     try:
         from dassl.config import get_cfg_default
 
-        cfg = get_cfg_default()
+        cfg = extend_cfg(get_cfg_default())
     except ImportError:
-        cfg = CN()
-        cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-        cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+        cfg = defaults()
     if small:
         cfg.TRAINER.MAPLE.PROMPT_DEPTH = 2  # the tiny CLIP has two layers per encoder
     return cfg

@@ -13,7 +13,8 @@ from yacs.config import CfgNode as CN
 
 from tests.dense_rada import dense_reference
 from tests.test_rada_head import CASES, normalized, random_head, relative_error
-from trainers.config import extend_cfg
+from trainers.config import ATTENTION_IMPLS as config_attention_impls
+from trainers.config import check_values, defaults, extend_cfg
 from trainers.core import rada_head as rada_head_module
 from trainers.core.errors import UserFacingError
 from trainers.core.rada_head import RAdaHead, fused_attention_available, rada_head
@@ -134,6 +135,14 @@ def test_config_key_reaches_the_head_and_rejects_unknown_values():
     cfg.TRAINER.RADA.ATTENTION_IMPL = "flash"
     with pytest.raises(UserFacingError, match="TRAINER.RADA.ATTENTION_IMPL"):
         rada_head(cfg, 16)
+
+
+def test_config_rule_allows_exactly_the_heads_implementations():
+    assert config_attention_impls == rada_head_module.ATTENTION_IMPLS
+    cfg = defaults()
+    cfg.TRAINER.RADA.ATTENTION_IMPL = "flash"
+    with pytest.raises(UserFacingError, match="TRAINER.RADA.ATTENTION_IMPL is 'flash'"):
+        check_values(cfg)
 
 
 def test_cuda_kernel_calls_fit_the_operators_on_meta_tensors():

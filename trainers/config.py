@@ -21,6 +21,7 @@ from .core.errors import UserFacingError
 PRECISIONS = ("fp16", "fp32", "amp")
 PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
+ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/core/rada_head.py has them
 
 
 def extend_cfg(cfg):
@@ -149,6 +150,7 @@ VALUE_RULES = (
     ("TRAINER.RADA.ALPHA", Interval(0)),
     ("TRAINER.RADA.TEMP", Interval(0, low_open=True)),
     ("TRAINER.RADA.NUM_HEADS", Interval(1, integer=True)),  # and a divisor of the feature width
+    ("TRAINER.RADA.ATTENTION_IMPL", OneOf(*ATTENTION_IMPLS)),
     ("TRAINER.ADAPTER.REDUCTION", Interval(1, integer=True)),
     ("TRAINER.ADAPTER.RATIO", Interval(0, 1, low_open=True)),
     ("TRAINER.FT.OBJECTIVE", OneOf(*OBJECTIVES)),
