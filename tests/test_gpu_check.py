@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.train_harness import REPO
+
+pytestmark = pytest.mark.e2e  # runs a script end to end
 
 
 def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
