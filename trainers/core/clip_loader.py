@@ -17,10 +17,9 @@ import warnings
 import zipfile
 
 import torch
-from clip import clip as clip_api
-from clip.model import build_model
 
-from .errors import UserFacingError
+from .backbones.openai_package import clip_api, clip_model
+from .backbones.base import BackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ DOWNLOAD_TIMEOUT_S = 60
 _REQUIRED_KEYS = ("positional_embedding", "text_projection", "token_embedding.weight", "ln_final.weight")
 
 
-class CLIPLoadError(UserFacingError):
+class CLIPLoadError(BackboneError):
     """Weights that cannot be found, fetched or read; the message says what to do."""
 
 
@@ -138,7 +137,7 @@ def build_clip(state_dict, source="state dict"):
         )
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     try:
-        return build_model(state_dict).eval()
+        return clip_model.build_model(state_dict).eval()
     except (KeyError, RuntimeError, AssertionError) as error:
         raise CLIPLoadError(f"{source} does not describe a CLIP model clip can build: {_first_line(error)}") from None
 
