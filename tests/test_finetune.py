@@ -36,8 +36,8 @@ from trainers.core.prompts import (
     fill_template,
     resolve_templates,
 )
+from trainers.core.backbones.openai_clip import ClipTextEncoder as TextEncoder
 from trainers.core.rada_head import RAdaHead, mask_penalty, rada_loss
-from trainers.core.text_encoder import TextEncoder
 from trainers.core.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]

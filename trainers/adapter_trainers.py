@@ -40,9 +40,9 @@ class CLIPAdapter(AdapterTrainer):
     def prompt_template(self):
         return zero_shot_template(self.cfg.DATASET.NAME)
 
-    def build_classifier(self, clip_model, classnames):
+    def build_classifier(self, backbone, classnames):
         prompts = FixedPrompts(classnames, self.prompt_template())
-        return CLIPClassifier(clip_model, prompts, adapter=self.build_adapter())
+        return CLIPClassifier(backbone, prompts, adapter=self.build_adapter())
 
     def trainable_modules(self):
         return {"adapter": self.model.adapter}
@@ -56,9 +56,9 @@ class RAdaAdapter(RAdaMixin, AdapterTrainer):
     def prompt_template(self):
         return self.cfg.TRAINER.RADA.TEMPLATE or zero_shot_template(self.cfg.DATASET.NAME)
 
-    def build_classifier(self, clip_model, classnames):
+    def build_classifier(self, backbone, classnames):
         prompts = FixedPrompts(classnames, self.prompt_template())
-        return CLIPClassifier(clip_model, prompts, head=self.build_head(), adapter=self.build_adapter())
+        return CLIPClassifier(backbone, prompts, head=self.build_head(), adapter=self.build_adapter())
 
     def trainable_modules(self):
         return {"adapter": self.model.adapter, "rada_head": self.model.head}

@@ -13,8 +13,8 @@ logger = logging.getLogger(__name__)
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with CoOp's hand-crafted prompt for the dataset; nothing is trained."""
 
-    def build_classifier(self, clip_model, classnames):
-        return CLIPClassifier(clip_model, FixedPrompts(classnames, zero_shot_template(self.cfg.DATASET.NAME)))
+    def build_classifier(self, backbone, classnames):
+        return CLIPClassifier(backbone, FixedPrompts(classnames, zero_shot_template(self.cfg.DATASET.NAME)))
 
     def train(self):
         logger.info("ZeroshotCLIP has nothing to train: evaluating")
@@ -25,8 +25,8 @@ class ZeroshotCLIP(CLIPTrainer):
 class CoOp(CLIPTrainer):
     """Context optimisation: learnable prompt context, frozen CLIP."""
 
-    def build_classifier(self, clip_model, classnames):
-        return CLIPClassifier(clip_model, coop_prompt_learner(self.cfg, clip_model, classnames))
+    def build_classifier(self, backbone, classnames):
+        return CLIPClassifier(backbone, coop_prompt_learner(self.cfg, backbone, classnames))
 
     def trainable_modules(self):
         return {"prompt_learner": self.model.prompts}

@@ -26,8 +26,13 @@ ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, a
 
 def extend_cfg(cfg):
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all, base or new (CoOp's base-to-new protocol)
-    # Folder of downloaded CLIP weights; "" means $CLIP_CACHE_DIR or ~/.cache/clip.
+    # MODEL.BACKBONE.NAME: an OpenAI CLIP name (ViT-B/16, RN50, ...) or checkpoint file,
+    # "open_clip:ARCH/PRETRAINED", "open_clip:hf-hub:ORG/NAME", "open_clip:local-dir:FOLDER" or
+    # "open_clip:ARCH" with WEIGHTS (see README, "Backbones").
+    # Folder of downloaded weights; "" means $CLIP_CACHE_DIR or ~/.cache/clip (open_clip: its own
+    # default caches, ~/.cache/clip and the Hugging Face cache).
     cfg.MODEL.BACKBONE.CACHE_DIR = ""
+    cfg.MODEL.BACKBONE.WEIGHTS = ""  # a local weights file for the architecture NAME names
 
     cfg.TRAINER.COOP = CN()
     cfg.TRAINER.COOP.N_CTX = 16  # number of context tokens

@@ -1,7 +1,7 @@
 """The Dassl glue shared by every trainer of this project.
 
-`CLIPTrainer` is a Dassl `TrainerX` that loads CLIP once, lets a subclass compose the
-classifier (`build_classifier`) and name the modules it trains (`trainable_modules`), and
+`CLIPTrainer` is a Dassl `TrainerX` that loads the backbone (MODEL.BACKBONE.NAME: OpenAI CLIP,
+open_clip, ...; trainers.core.backbones) once, lets a subclass compose the classifier (`build_classifier`) and name the modules it trains (`trainable_modules`), and
 handles the rest: precision, optimisers, the learning-rate schedule, the training step, the
 result line that `scripts/parse_results.py` reads, and checkpoints.
 
@@ -37,7 +37,7 @@ from .core.checkpoint import (
     write_checkpoint,
     write_checkpoint_set,
 )
-from .core.clip_loader import clip_signature, describe_clip, load_clip
+from .core.backbones import follow_preprocess, load_backbone
 from .core.errors import CheckpointError, UserFacingError
 from .core.precision import Precision
 from .core.rada_head import rada_loss
@@ -92,8 +92,8 @@ class CLIPTrainer(TrainerX):
         check_values(cfg, prec_node=self.PREC_NODE)
 
     # ---- to be provided by subclasses -------------------------------------------------------
-    def build_classifier(self, clip_model, classnames):
-        """Return the CLIPClassifier of this method."""
+    def build_classifier(self, backbone, classnames):
+        """Return the CLIPClassifier of this method on `backbone` (a trainers.core.backbones.Backbone)."""
         raise NotImplementedError
 
     def trainable_modules(self):
@@ -121,6 +121,13 @@ class CLIPTrainer(TrainerX):
 
     # ---- data ---------------------------------------------------------------------------------
     def build_data_loader(self):
+        # Dassl builds the data loaders before the model: the backbone is loaded first, so that the
+        # images are prepared as the backbone expects (its image size, mean/std, interpolation).
+        self.dual_encoder = self.load_backbone()
+        self.cfg, changed = follow_preprocess(self.cfg, self.dual_encoder.preprocess)
+        if changed:
+            logger.info("Input preprocessing of %s: %s", self.cfg.MODEL.BACKBONE.NAME,
+                        ", ".join(f"INPUT.{key} {value}" for key, value in changed.items()))
         super().build_data_loader()
         # Some test sets transform each image first (ObjectNet's frame is cut off).
         pre_transform = getattr(self.dm.dataset, "test_pre_transform", None)
@@ -130,17 +137,20 @@ class CLIPTrainer(TrainerX):
             wrapper.transform = Compose([pre_transform, wrapper.transform])
 
     # ---- model --------------------------------------------------------------------------------
-    def build_model(self):
-        cfg = self.cfg
-        self.precision = Precision(self.precision_mode(), self.device)
-        logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        clip_model = load_clip(cfg.MODEL.BACKBONE.NAME, cache_dir=cfg.MODEL.BACKBONE.CACHE_DIR or None)
-        self._check_input_size(clip_model)
-        self.precision.cast_clip(clip_model)
-        self.backbone = clip_signature(clip_model)
-        logger.info(f"CLIP: {describe_clip(clip_model)}; precision {self.precision.mode}")
+    def load_backbone(self):
+        backbone = self.cfg.MODEL.BACKBONE
+        logger.info(f"Loading CLIP (backbone: {backbone.NAME})")
+        return load_backbone(backbone.NAME, weights=backbone.WEIGHTS, cache_dir=backbone.CACHE_DIR or None)
 
-        self.model = self.build_classifier(clip_model, self.dm.dataset.classnames)
+    def build_model(self):
+        self.precision = Precision(self.precision_mode(), self.device)
+        backbone = self.dual_encoder
+        self._check_input_size(backbone)
+        self.precision.cast_clip(backbone)
+        self.backbone = backbone.signature()
+        logger.info(f"CLIP: {backbone.describe()}; precision {self.precision.mode}")
+
+        self.model = self.build_classifier(backbone, self.dm.dataset.classnames)
         self.model.requires_grad_(False)
         trainable = self.trainable_modules()
         for module in trainable.values():
@@ -152,8 +162,8 @@ class CLIPTrainer(TrainerX):
             logger.info(f"Learnable parameters in {name}: {count:,}")
         self.scaler = self.precision.grad_scaler()
 
-    def _check_input_size(self, clip_model):
-        expected = clip_model.visual.input_resolution
+    def _check_input_size(self, backbone):
+        expected = backbone.preprocess.image_size
         size = tuple(self.cfg.INPUT.SIZE)
         if size != (expected, expected):
             raise UserFacingError(

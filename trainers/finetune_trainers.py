@@ -5,9 +5,9 @@ zero-shot CLIP does, through class prompts and the text encoder; they differ onl
 configs (TRAINER.FT), so the head's effect and the objective's are each one setting apart:
 
 - FT: cross-entropy over the class prompts, text encoder frozen (its features cached).
-- FLYP: "finetune like you pretrain" (Goyal et al., CVPR 2023): CLIP's contrastive loss between
-  the images of a batch and captions of their class names, both encoders and the logit scale
-  trained.
+- FLYP: "finetune like you pretrain" (Goyal et al., CVPR 2023): the model's own contrastive loss
+  (CLIP's softmax loss; SigLIP's sigmoid loss on a model with a logit bias) between the images of a
+  batch and captions of their class names, both encoders and the logit scale trained.
 - RAdaFT: FT with the RAda head between the features and the logits; TRAINER.FT.OBJECTIVE flyp
   (with TRAIN_TEXT_ENCODER and TRAIN_LOGIT_SCALE True) trains it with FLYP's objective instead.
 
@@ -25,7 +25,6 @@ from .core.errors import UserFacingError
 from .core.finetune import (
     LogitScale,
     check_master_weights,
-    checkpoint_blocks,
     finetune_precision,
     flyp_loss,
     parameter_groups,
@@ -79,7 +78,7 @@ class FineTuneTrainer(CLIPTrainer):
         """The head between features and logits; none for plain fine-tuning."""
         return None
 
-    def build_classifier(self, clip_model, classnames):
+    def build_classifier(self, backbone, classnames):
         cfg, ft, subset = self.cfg, self.cfg.TRAINER.FT, self.imagenet_subset
         if subset is not None:
             logger.info(
@@ -89,7 +88,7 @@ class FineTuneTrainer(CLIPTrainer):
             )
             classnames = list(subset.imagenet_classnames)
         prompts = FixedPrompts(classnames, resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME))
-        model = CLIPClassifier(clip_model, prompts, head=self.build_head())
+        model = CLIPClassifier(backbone, prompts, head=self.build_head())
         if ft.GRAD_CHECKPOINTING:
             self._checkpoint_encoders(model)
         logger.info(
@@ -101,13 +100,11 @@ class FineTuneTrainer(CLIPTrainer):
         return model
 
     def _checkpoint_encoders(self, model):
-        visual = model.image_encoder
-        if hasattr(visual, "transformer"):
-            checkpoint_blocks(visual.transformer)
-        else:
-            logger.warning("Gradient checkpointing covers transformer blocks; the ResNet image encoder runs as usual")
+        if not model.backbone.checkpoint_blocks("image"):
+            logger.warning("Gradient checkpointing covers transformer blocks; the %s image encoder runs as usual",
+                           model.backbone.vision_kind())
         if self.cfg.TRAINER.FT.TRAIN_TEXT_ENCODER:
-            checkpoint_blocks(model.text_encoder.transformer)
+            model.backbone.checkpoint_blocks("text")
 
     def trainable_modules(self):
         ft = self.cfg.TRAINER.FT
@@ -158,7 +155,8 @@ class FineTuneTrainer(CLIPTrainer):
     def compute_loss(self, output, targets):
         if self.cfg.TRAINER.FT.OBJECTIVE != "flyp":
             return super().compute_loss(output, targets)
-        return flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA)
+        return flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA,
+                         objective=self.model.backbone.objective)
 
     def step_schedulers(self):
         for name in self.get_model_names():

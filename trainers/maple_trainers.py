@@ -11,8 +11,8 @@ class MaPLe(CLIPTrainer):
 
     PREC_NODE = "MAPLE"
 
-    def build_classifier(self, clip_model, classnames):
-        return MaPLeClassifier(clip_model, maple_prompt_learner(self.cfg, clip_model, classnames))
+    def build_classifier(self, backbone, classnames):
+        return MaPLeClassifier(backbone, maple_prompt_learner(self.cfg, backbone, classnames))
 
     def trainable_modules(self):
         return {"prompt_learner": self.model.prompts}
@@ -24,9 +24,9 @@ class RAdaMaPLe(RAdaMixin, CLIPTrainer):
 
     PREC_NODE = "MAPLE"
 
-    def build_classifier(self, clip_model, classnames):
-        prompts = maple_prompt_learner(self.cfg, clip_model, classnames)
-        return MaPLeClassifier(clip_model, prompts, head=self.build_head())
+    def build_classifier(self, backbone, classnames):
+        prompts = maple_prompt_learner(self.cfg, backbone, classnames)
+        return MaPLeClassifier(backbone, prompts, head=self.build_head())
 
     def trainable_modules(self):
         return {"prompt_learner": self.model.prompts, "rada_head": self.model.head}

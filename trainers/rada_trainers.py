@@ -26,9 +26,9 @@ class RAda(RAdaMixin, CLIPTrainer):
 
     PREC_NODE = "RADA"
 
-    def build_classifier(self, clip_model, classnames):
+    def build_classifier(self, backbone, classnames):
         template = self.cfg.TRAINER.RADA.TEMPLATE or zero_shot_template(self.cfg.DATASET.NAME)
-        return CLIPClassifier(clip_model, FixedPrompts(classnames, template), head=self.build_head())
+        return CLIPClassifier(backbone, FixedPrompts(classnames, template), head=self.build_head())
 
     def trainable_modules(self):
         return {"rada_head": self.model.head}
@@ -38,9 +38,9 @@ class RAda(RAdaMixin, CLIPTrainer):
 class RAdaCoOp(RAdaMixin, CLIPTrainer):
     """CoOp's learnable prompts and the head, trained together; configured like CoOp."""
 
-    def build_classifier(self, clip_model, classnames):
-        prompts = coop_prompt_learner(self.cfg, clip_model, classnames)
-        return CLIPClassifier(clip_model, prompts, head=self.build_head())
+    def build_classifier(self, backbone, classnames):
+        prompts = coop_prompt_learner(self.cfg, backbone, classnames)
+        return CLIPClassifier(backbone, prompts, head=self.build_head())
 
     def trainable_modules(self):
         return {"prompt_learner": self.model.prompts, "rada_head": self.model.head}

@@ -126,7 +126,8 @@ class CheckpointedBlocks(nn.Sequential):
 
 
 def checkpoint_blocks(transformer):
-    """Make a clip `Transformer` (text tower or ViT image tower) checkpoint its residual blocks."""
+    """Make a clip `Transformer` (text tower or ViT image tower) checkpoint its residual blocks
+    (`Backbone.checkpoint_blocks` calls this for the OpenAI clip backbone)."""
     if not isinstance(transformer.resblocks, CheckpointedBlocks):
         transformer.resblocks = CheckpointedBlocks(*transformer.resblocks)
     return transformer
@@ -141,10 +142,20 @@ def contrastive_loss(logits_per_image):
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
 
 
-def flyp_loss(logits_per_image, mask=None, alpha=0.0):
-    """FLYP's contrastive loss plus the mask penalty of a head that made the logits (the term
-    `rada_loss` adds to the cross-entropy)."""
-    return contrastive_loss(logits_per_image) + mask_penalty(mask, alpha)
+def sigmoid_loss(logits_per_image):
+    """SigLIP's pairwise sigmoid loss over a batch of B image-caption pairs: logits (B, B) (with the
+    model's logit bias) with image i's own caption in column i; every other pair is a negative.
+    Summed over pairs and divided by B, as SigLIP (and open_clip's SigLipLoss) do."""
+    labels = 2 * torch.eye(logits_per_image.shape[0], device=logits_per_image.device, dtype=logits_per_image.dtype) - 1
+    return -F.logsigmoid(labels * logits_per_image).sum() / logits_per_image.shape[0]
+
+
+def flyp_loss(logits_per_image, mask=None, alpha=0.0, objective="softmax"):
+    """FLYP's contrastive loss in the backbone's own form ("softmax": CLIP's, "sigmoid": SigLIP's)
+    plus the mask penalty of a head that made the logits (the term `rada_loss` adds to the
+    cross-entropy)."""
+    loss = contrastive_loss(logits_per_image) if objective == "softmax" else sigmoid_loss(logits_per_image)
+    return loss + mask_penalty(mask, alpha)
 
 
 # ---- class subsets of ImageNet --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""CLIP as a classifier: image encoder, a prompt source for the class texts, optionally a
+"""A dual encoder as a classifier: image encoder, a prompt source for the class texts, optionally a
 feature adapter and the RAda head. Every trainer composes one of these."""
 
 from collections import namedtuple
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones import as_backbone
 from .module_state import weights_key
-from .text_encoder import TextEncoder
 
 ClassifierOutput = namedtuple("ClassifierOutput", ["logits", "mask"])
 
@@ -16,17 +16,21 @@ ClassifierOutput = namedtuple("ClassifierOutput", ["logits", "mask"])
 class CLIPClassifier(nn.Module):
     """Returns ClassifierOutput(logits (B, K), mask (B, K, D) or None).
 
-    prompts: a module with forward(text_encoder) -> (K, E) text features.
+    backbone: a Backbone (or a bare clip CLIP model). prompts: a module with forward(text_encoder) -> (K, E) text features.
     adapter: optional module with forward(image_features, text_features) -> both, applied
     before normalisation. head: optional RAdaHead; without it the logits are CLIP's,
-    s * f @ t^T, computed as CoOp computes them.
+    s * f @ t^T, computed as CoOp computes them. A backbone with a logit bias (SigLIP) adds it to
+    the logits, with or without the head.
     """
 
-    def __init__(self, clip_model, prompts, head=None, adapter=None):
+    def __init__(self, backbone, prompts, head=None, adapter=None):
         super().__init__()
-        self.image_encoder = clip_model.visual
-        self.text_encoder = TextEncoder(clip_model)
-        self.logit_scale = clip_model.logit_scale
+        backbone = as_backbone(backbone)
+        self.backbone = backbone
+        self.image_encoder = backbone.image_encoder
+        self.text_encoder = backbone.text_encoder
+        self.logit_scale = backbone.logit_scale
+        self.logit_bias = backbone.logit_bias
         self.prompts = prompts
         self.adapter = adapter
         self.head = head
@@ -49,7 +53,7 @@ class CLIPClassifier(nn.Module):
         return self._text_cache[1]
 
     def encode_image(self, images):
-        return self.image_encoder(images.to(self.dtype))
+        return self.image_encoder(images.to(self.backbone.image_dtype))
 
     def encode(self, images):
         """Unnormalised (image features (B, E), text features (K, E)); subclasses that
@@ -67,9 +71,12 @@ class CLIPClassifier(nn.Module):
         if self.head is None:
             image_features = F.normalize(image_features, dim=-1)
             text_features = F.normalize(text_features, dim=-1)
-            return ClassifierOutput(scale * image_features @ text_features.t(), None)
+            return ClassifierOutput(self._biased(scale * image_features @ text_features.t()), None)
         # The head works in float32 whatever CLIP's precision (as the authors' code does).
         image_features = F.normalize(image_features.float(), dim=-1)
         text_features = F.normalize(text_features.float(), dim=-1)
         logits, mask = self.head(image_features, text_features, scale.float())
-        return ClassifierOutput(logits, mask)
+        return ClassifierOutput(self._biased(logits), mask)
+
+    def _biased(self, logits):
+        return logits if self.logit_bias is None else logits + self.logit_bias

@@ -14,7 +14,8 @@ import contextlib
 import logging
 
 import torch
-from clip.model import convert_weights
+
+from .backbones import as_backbone
 
 from ..config import PRECISIONS
 
@@ -37,11 +38,9 @@ class Precision:
         return torch.float16 if self.mode == "fp16" else torch.float32
 
     def cast_clip(self, model):
-        """Put CLIP's weights in this precision (in place) and return the model."""
-        if self.mode == "fp16":
-            convert_weights(model)
-        else:
-            model.float()
+        """Put the weights of a Backbone (or a bare clip model) in this precision, in place, the
+        library's own way; return what was given."""
+        as_backbone(model).cast(self.clip_dtype)
         return model
 
     def autocast(self):

@@ -8,11 +8,10 @@ hold only what is learned, so weights trained on base classes load for new class
 import logging
 
 import torch
-from clip import clip as clip_api
-from clip.simple_tokenizer import SimpleTokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones import as_backbone
 from .module_state import is_trained, weights_key
 
 logger = logging.getLogger(__name__)
@@ -124,9 +123,6 @@ TEMPLATE_SETS = {
     ),
 }
 
-_tokenizer = SimpleTokenizer()
-
-
 def zero_shot_template(dataset_name):
     return ZERO_SHOT_TEMPLATES.get(dataset_name, DEFAULT_TEMPLATE)
 
@@ -165,6 +161,7 @@ class FixedPrompts(nn.Module):
     until its weights change. While it trains (and gradients are on) they are recomputed, with
     gradients, at every call; an ensemble then encodes one template per class drawn at random,
     since encoding all T templates of all K classes at every step would cost T times as much.
+    The prompts are tokenised by the text encoder's own tokenizer when first encoded.
     """
 
     def __init__(self, classnames, template):
@@ -177,18 +174,28 @@ class FixedPrompts(nn.Module):
         logger.info("Prompts (%d classes x %d template%s), e.g. %r", self.num_classes, len(self.templates),
                     "s" if len(self.templates) > 1 else "", prompts[0])
         # Row t * K + k holds template t filled with class k.
-        self.register_buffer("tokenized_prompts", clip_api.tokenize(prompts), persistent=False)
+        self.texts = prompts
+        self._tokenized = None
         self._cache = None
 
     @property
     def is_ensemble(self):
         return len(self.templates) > 1
 
+    def tokenized_prompts(self, text_encoder):
+        """The prompts' token ids (T * K, L) by the encoder's tokenizer, on the encoder's device."""
+        device = text_encoder.token_embedding.weight.device
+        if self._tokenized is None or self._tokenized[0] is not text_encoder.tokenizer:
+            self._tokenized = (text_encoder.tokenizer, text_encoder.tokenizer(self.texts))
+        if self._tokenized[1].device != device:
+            self._tokenized = (self._tokenized[0], self._tokenized[1].to(device))
+        return self._tokenized[1]
+
     def forward(self, text_encoder):
         if torch.is_grad_enabled() and is_trained(text_encoder):
-            labels = torch.arange(self.num_classes, device=self.tokenized_prompts.device)
+            labels = torch.arange(self.num_classes, device=text_encoder.token_embedding.weight.device)
             return self._encode(text_encoder, self._prompt_rows(labels))
-        key = (self.tokenized_prompts.device, weights_key(text_encoder))
+        key = (text_encoder.token_embedding.weight.device, weights_key(text_encoder))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, self._all_templates(text_encoder))
@@ -207,69 +214,103 @@ class FixedPrompts(nn.Module):
         return drawn * self.num_classes + labels
 
     def _encode(self, text_encoder, rows):
-        features = text_encoder.encode_tokens(self.tokenized_prompts[rows])
+        features = text_encoder.encode_tokens(self.tokenized_prompts(text_encoder)[rows])
         return F.normalize(features, dim=-1) if self.is_ensemble else features
 
     def _all_templates(self, text_encoder):
+        tokenized = self.tokenized_prompts(text_encoder)
         if not self.is_ensemble:
-            return text_encoder.encode_tokens(self.tokenized_prompts)
+            return text_encoder.encode_tokens(tokenized)
         total = 0.0
-        for rows in self.tokenized_prompts.split(self.num_classes):  # a template at a time bounds memory
+        for rows in tokenized.split(self.num_classes):  # a template at a time bounds memory
             total = total + F.normalize(text_encoder.encode_tokens(rows).float(), dim=-1)
         return (total / len(self.templates)).to(text_encoder.dtype)
 
 
-class CoOpPromptLearner(nn.Module):
-    """CoOp's learnable context: [SOS] ctx_1 .. ctx_M [CLASS]. [EOS] (class token at the end,
-    middle or front), one context shared by all classes or one per class (CSC).
+def context_words(ctx_init):
+    """CTX_INIT as words: folder-style underscores become spaces."""
+    return ctx_init.replace("_", " ").strip()
 
-    The context is a float32 parameter even when CLIP runs in fp16; it is cast where it
-    joins the frozen token embeddings.
+
+def initial_context(backbone, ctx_init, n_ctx, shape):
+    """(context float32, prompt prefix text) of CoOp and MaPLe: the token embeddings of the first
+    n_ctx tokens of the words ctx_init, or, without words, a random context of `shape` (N(0, 0.02))
+    written "X X .. X" in the prompts."""
+    if ctx_init:
+        tokenizer = backbone.tokenizer
+        start = tokenizer.prefix_length
+        with torch.no_grad():
+            embedded = backbone.text_encoder.token_embedding(tokenizer(ctx_init)).float()
+        return embedded[0, start : start + n_ctx].clone(), ctx_init
+    return torch.empty(shape).normal_(std=0.02), " ".join(["X"] * n_ctx)
+
+
+class LearnedContext(nn.Module):
+    """What CoOp's and MaPLe's prompt learners share: a learned context `ctx` ((n, W), or (K, n, W)
+    per class) standing where the tokenizer puts the text of "<prefix text> <class>.", between the
+    frozen embeddings of what comes before (`token_prefix`: the start token, if the tokenizer has
+    one) and after (`token_suffix`: the rest, the class name, '.', the end token, padding).
+
+    The context is a float32 parameter even when CLIP runs in fp16; it is cast where it joins the
+    frozen token embeddings. The class-name buffers are not persistent: checkpoints hold only what
+    is learned, so weights trained on base classes load for new classes.
+    """
+
+    def __init__(self, backbone, classnames, ctx, prefix_text):
+        super().__init__()
+        tokenizer = backbone.tokenizer
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = ctx.shape[-2]
+        names = readable(classnames)
+        self.name_lens = [len(tokenizer.encode(name)) for name in names]
+        tokenized = tokenizer([f"{prefix_text} {name}." for name in names])
+        with torch.no_grad():
+            embedded = backbone.text_encoder.token_embedding(tokenized)
+        start = tokenizer.prefix_length
+        self.register_buffer("tokenized_prompts", tokenized, persistent=False)
+        self.register_buffer("token_prefix", embedded[:, :start], persistent=False)
+        self.register_buffer("token_suffix", embedded[:, start + self.n_ctx :], persistent=False)
+
+    def prompt_embeddings(self):
+        """The text tower's input tokens (K, L, W) before the positional embedding: the context
+        between prefix and suffix."""
+        prefix = self.token_prefix
+        ctx = self.ctx.to(prefix.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        return torch.cat([prefix, ctx, self.token_suffix], dim=1)
+
+
+class CoOpPromptLearner(LearnedContext):
+    """CoOp's learnable context: [SOS] ctx_1 .. ctx_M [CLASS]. [EOS] (class token at the end,
+    middle or front), one context shared by all classes or one per class (CSC). On a tokenizer
+    without start token (SigLIP's) the context opens the sequence.
     """
 
     POSITIONS = ("end", "middle", "front")
 
-    def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", class_specific=False, position="end"):
-        super().__init__()
+    def __init__(self, backbone, classnames, n_ctx=16, ctx_init="", class_specific=False, position="end"):
         if position not in self.POSITIONS:
             raise ValueError(f"CLASS_TOKEN_POSITION must be one of {', '.join(self.POSITIONS)}, got {position!r}")
-        token_embedding = clip_model.token_embedding
-        width = token_embedding.weight.shape[1]
-        num_classes = len(classnames)
-        ctx_init = ctx_init.replace("_", " ").strip()
+        backbone = as_backbone(backbone)
+        width = backbone.text_encoder.token_embedding.weight.shape[1]
+        ctx_init = context_words(ctx_init)
         if ctx_init:
-            # Initialise from the words' embeddings; their number sets the context length.
-            words = ctx_init.split(" ")
-            n_ctx = len(words)
-            with torch.no_grad():
-                embedded = token_embedding(clip_api.tokenize(ctx_init)).float()
-            ctx = embedded[0, 1 : 1 + n_ctx].clone()
-            prefix_text = ctx_init
-        else:
-            shape = (num_classes, n_ctx, width) if class_specific else (n_ctx, width)
-            ctx = torch.empty(shape).normal_(std=0.02)
-            prefix_text = " ".join(["X"] * n_ctx)
+            n_ctx = len(ctx_init.split(" "))  # the words' number sets the context length
+        shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
+        ctx, prefix_text = initial_context(backbone, ctx_init, n_ctx, shape)
         logger.info("CoOp context: %d tokens, initialised as %r%s", n_ctx, prefix_text,
                     ", class-specific" if class_specific and not ctx_init else "")
-        self.ctx = nn.Parameter(ctx)
-        self.n_ctx = n_ctx
+        super().__init__(backbone, classnames, ctx, prefix_text)
         self.position = position
-        names = readable(classnames)
-        self.name_lens = [len(_tokenizer.encode(name)) for name in names]
-        tokenized = clip_api.tokenize([f"{prefix_text} {name}." for name in names])
-        with torch.no_grad():
-            embedded = token_embedding(tokenized)
-        self.register_buffer("tokenized_prompts", tokenized, persistent=False)
-        self.register_buffer("token_prefix", embedded[:, :1], persistent=False)  # SOS
-        self.register_buffer("token_suffix", embedded[:, 1 + n_ctx :], persistent=False)  # class, '.', EOS
 
     def prompt_embeddings(self):
+        if self.position == "end":
+            return super().prompt_embeddings()
         prefix, suffix = self.token_prefix, self.token_suffix
         ctx = self.ctx.to(prefix.dtype)
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
         half = self.n_ctx // 2
         prompts = []
         for i, name_len in enumerate(self.name_lens):
@@ -286,10 +327,10 @@ class CoOpPromptLearner(nn.Module):
         return text_encoder(self.prompt_embeddings(), self.tokenized_prompts)
 
 
-def coop_prompt_learner(cfg, clip_model, classnames):
+def coop_prompt_learner(cfg, backbone, classnames):
     """The CoOpPromptLearner that TRAINER.COOP describes."""
     coop = cfg.TRAINER.COOP
     return CoOpPromptLearner(
-        clip_model, classnames, n_ctx=coop.N_CTX, ctx_init=coop.CTX_INIT,
+        backbone, classnames, n_ctx=coop.N_CTX, ctx_init=coop.CTX_INIT,
         class_specific=coop.CSC, position=coop.CLASS_TOKEN_POSITION,
     )

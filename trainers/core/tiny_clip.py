@@ -9,7 +9,8 @@ weights take; only the widths and depths are small.
 import warnings
 
 import torch
-from clip.model import CLIP, convert_weights
+
+from .backbones.openai_package import clip_model
 
 TINY_EMBED_DIM = 32
 
@@ -23,7 +24,7 @@ def build_tiny_clip(vision="ViT", seed=0):
         vision_layers, vision_width, patch = (1, 1, 1, 1), 8, None
     else:
         raise ValueError(f"vision must be 'ViT' or 'ResNet', got {vision!r}")
-    model = CLIP(
+    model = clip_model.CLIP(
         embed_dim=TINY_EMBED_DIM,
         image_resolution=224,
         vision_layers=vision_layers,
@@ -36,7 +37,7 @@ def build_tiny_clip(vision="ViT", seed=0):
         transformer_layers=2,
     )
     # Store fp16 weights as OpenAI's checkpoints do, so loading exercises the same casts.
-    convert_weights(model)
+    clip_model.convert_weights(model)
     return model.eval()
 
 

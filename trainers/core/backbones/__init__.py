@@ -8,7 +8,8 @@ Name dispatch is a prefix table: a name starting with a key of BACKENDS goes to 
 loader with the rest of the name; any other name (an OpenAI model name or a local OpenAI
 checkpoint file) goes to the clip backend. A backend is a module with a function
 `load(spec, weights="", cache_dir=None, download=True) -> Backbone`; add one with
-register_backend(prefix, "module.path").
+register_backend(prefix, ".module") (relative to this package: plugged into a host program, this
+package is not importable as `trainers`).
 """
 
 import importlib
@@ -25,9 +26,9 @@ from .base import (  # noqa: F401  (the interface, re-exported)
 
 # prefix -> module with load(spec, weights, cache_dir, download); imported only when used.
 BACKENDS = {
-    "open_clip:": "trainers.core.backbones.open_clip_backend",
+    "open_clip:": ".open_clip_backend",
 }
-DEFAULT_BACKEND = "trainers.core.backbones.openai_clip"
+DEFAULT_BACKEND = ".openai_clip"
 
 
 def register_backend(prefix, module_path):
@@ -45,7 +46,8 @@ def split_name(name):
 def load_backbone(name, weights="", cache_dir=None, download=True):
     """The Backbone that MODEL.BACKBONE.NAME (and .WEIGHTS, .CACHE_DIR) name, on the CPU in eval mode."""
     module_path, spec = split_name(name)
-    return importlib.import_module(module_path).load(spec, weights=weights, cache_dir=cache_dir, download=download)
+    backend = importlib.import_module(module_path, __name__)
+    return backend.load(spec, weights=weights, cache_dir=cache_dir, download=download)
 
 
 def as_backbone(model):
@@ -57,3 +59,42 @@ def as_backbone(model):
     if not is_clip_model(model):
         raise TypeError(f"Expected a Backbone or a clip CLIP model, got {type(model).__name__}")
     return ClipBackbone(model)
+
+
+# The input settings every shipped config carries: OpenAI CLIP's preprocessing.
+SHIPPED_INPUT = {
+    "SIZE": (224, 224),
+    "PIXEL_MEAN": (0.48145466, 0.4578275, 0.40821073),
+    "PIXEL_STD": (0.26862954, 0.26130258, 0.27577711),
+    "INTERPOLATION": "bicubic",
+}
+
+
+def _same(a, b):
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-7 for x, y in zip(a, b))
+
+
+def follow_preprocess(cfg, preprocess):
+    """(cfg, {key: value changed}): INPUT.SIZE, PIXEL_MEAN, PIXEL_STD and INTERPOLATION set to the
+    backbone's own preprocessing wherever they hold the OpenAI CLIP values the shipped configs carry;
+    a value set to anything else was chosen by the user and is kept. For OpenAI models nothing changes."""
+    wanted = {
+        "SIZE": (preprocess.image_size, preprocess.image_size),
+        "PIXEL_MEAN": tuple(preprocess.mean),
+        "PIXEL_STD": tuple(preprocess.std),
+        "INTERPOLATION": preprocess.interpolation,
+    }
+    changed = {
+        key: value for key, value in wanted.items()
+        if _same(cfg.INPUT[key], SHIPPED_INPUT[key]) and not _same(cfg.INPUT[key], value)
+    }
+    if not changed:
+        return cfg, changed
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key, value in changed.items():
+        cfg.INPUT[key] = value if isinstance(value, str) else type(cfg.INPUT[key])(value)
+    cfg.freeze()
+    return cfg, changed

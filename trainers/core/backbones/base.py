@@ -78,8 +78,8 @@ class TextEncoder(nn.Module):
     """The text tower. forward(prompt_embeddings (N, L, W), tokenized (N, L)) -> features (N, E): the
     tower run on token embeddings that may be learned, pooled where `tokenized` says (CLIP: the
     end-of-text token; SigLIP: the last position). encode_tokens(tokenized) is the model's own
-    encode_text. `token_embedding` is the embedding table (an nn.Embedding); `dtype` the dtype the
-    tower computes in. A tower that cannot take embeddings sets `takes_embeddings = False`."""
+    encode_text. `token_embedding` is the embedding table (an nn.Embedding), `tokenizer` the
+    backbone's Tokenizer, `dtype` the dtype the tower computes in. A tower that cannot take embeddings sets `takes_embeddings = False`."""
 
     takes_embeddings = True
 

@@ -1,6 +1,8 @@
 """The OpenAI `clip` package's models as a Backbone (today's behaviour: the model is the clip
 package's own CLIP, built from OpenAI's checkpoints by trainers.core.clip_loader)."""
 
+import functools
+
 import torch
 from torch import nn
 
@@ -29,6 +31,11 @@ class ClipTokenizer(Tokenizer):
     prefix_length = 1
 
 
+@functools.cache
+def clip_tokenizer():
+    return ClipTokenizer()
+
+
 class ClipTextEncoder(TextEncoder):
     """Maps prompt embeddings (N, L, W) to text features (N, E).
 
@@ -43,6 +50,7 @@ class ClipTextEncoder(TextEncoder):
         self.positional_embedding = model.positional_embedding
         self.ln_final = model.ln_final
         self.text_projection = model.text_projection
+        self.tokenizer = clip_tokenizer()
 
     @property
     def dtype(self):
@@ -65,7 +73,7 @@ class ClipBackbone(Backbone):
         self.model = model
         self.image_encoder = model.visual
         self.text_encoder = ClipTextEncoder(model)
-        self.tokenizer = ClipTokenizer()
+        self.tokenizer = self.text_encoder.tokenizer
         self.logit_scale = model.logit_scale
         self.logit_bias = None
         self.embed_dim = int(model.text_projection.shape[1])
