@@ -18,8 +18,8 @@ import zipfile
 
 import torch
 
-from .backbones.openai_package import clip_api, clip_model
 from .backbones.base import BackboneError
+from .backbones.openai_package import clip_api, clip_model
 
 logger = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def deep_prompts(blocks, prompts, start, batch_first=False):
         raise ValueError(f"{len(prompts)} deep prompts for a transformer of {len(blocks)} blocks")
     handles = []
     try:
-        for block, tokens in zip(blocks[1:], prompts):
+        for block, tokens in zip(blocks[1:], prompts, strict=False):
             handles.append(block.register_forward_pre_hook(_token_replacer(tokens, start, batch_first)))
         yield
     finally:
@@ -141,7 +141,8 @@ class MaPLePromptLearner(LearnedContext):
 
     def vision_prompts(self, dtype=torch.float32):
         """(first-layer vision prompts (n, Wv) computed in `dtype`, [vision prompts of blocks 1 .. depth-1])."""
-        deeper = [couple(text) for couple, text in zip(self.compound_prompt_projections, self.compound_prompts_text)]
+        pairs = zip(self.compound_prompt_projections, self.compound_prompts_text, strict=True)
+        deeper = [couple(text) for couple, text in pairs]
         first = F.linear(self.ctx.to(dtype), self.proj.weight.to(dtype), self.proj.bias.to(dtype))
         return first, deeper
 

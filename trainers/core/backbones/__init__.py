@@ -73,7 +73,7 @@ SHIPPED_INPUT = {
 def _same(a, b):
     if isinstance(a, str) or isinstance(b, str):
         return a == b
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-7 for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-7 for x, y in zip(a, b, strict=True))
 
 
 def follow_preprocess(cfg, preprocess):

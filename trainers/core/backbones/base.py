@@ -25,7 +25,6 @@ backend (its model names and local checkpoint files).
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -101,7 +100,7 @@ class PromptSites:
 
     blocks: list
     batch_first: bool
-    stem: Optional[nn.Module] = None
+    stem: nn.Module | None = None
     prompt_start: int = 1
 
 
@@ -117,7 +116,7 @@ class Backbone:
     text_encoder: TextEncoder
     tokenizer: Tokenizer
     logit_scale: nn.Parameter
-    logit_bias: Optional[nn.Parameter] = None
+    logit_bias: nn.Parameter | None = None
     embed_dim: int
     text_width: int
     vision_width: int
@@ -158,7 +157,7 @@ class Backbone:
         return None
 
     def describe(self):
-        bias = f", logit bias {float(self.logit_bias):.2f}" if self.logit_bias is not None else ""
+        bias = f", logit bias {self.logit_bias.item():.2f}" if self.logit_bias is not None else ""
         return (
             f"{self.vision_kind()} image encoder, width {self.vision_width}, text width {self.text_width}, "
             f"embedding {self.embed_dim}, {self.preprocess.image_size} px{bias}"

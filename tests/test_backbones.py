@@ -1,0 +1,247 @@
+"""The backbone interface on open_clip models: tiny CLIP-style and SigLIP-style models built from
+custom model configs, written to disk as the hub holds them and loaded through the project's loader."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tests import open_clip_models
+from tests.conftest import requires_dassl
+from tests.train_harness import TrainRun
+from trainers.core.backbones import BackboneError, follow_preprocess, load_backbone
+from trainers.core.checkpoint import read_checkpoint, write_checkpoint
+from trainers.core.errors import CheckpointError
+from trainers.core.finetune import flyp_loss
+from trainers.core.maple import MaPLeClassifier, MaPLePromptLearner
+from trainers.core.model import CLIPClassifier
+from trainers.core.prompts import CoOpPromptLearner, FixedPrompts, fill_template
+from trainers.core.rada_head import RAdaHead
+
+CLASSES = ["red_circle", "blue square", "golden retriever", "cat"]
+TEMPLATE = "a photo of a {}."
+STYLES = ["clip", "siglip"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("open_clip")
+    return {
+        "clip": open_clip_models.save_clip_style(str(root / "clip-style")),
+        "siglip": open_clip_models.save_siglip_style(str(root / "siglip-style")),
+    }
+
+
+@pytest.fixture(scope="module")
+def backbones(model_dirs):
+    return {style: load_backbone(open_clip_models.backbone_name(folder)) for style, folder in model_dirs.items()}
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return torch.randn(3, 3, open_clip_models.IMAGE_SIZE, open_clip_models.IMAGE_SIZE)
+
+
+def test_loaded_from_disk_with_the_models_own_layout(backbones):
+    clip, siglip = backbones["clip"], backbones["siglip"]
+    assert (clip.tokenizer.prefix_length, clip.objective, clip.logit_bias) == (1, "softmax", None)
+    assert (siglip.tokenizer.prefix_length, siglip.objective, siglip.logit_bias.item()) == (0, "sigmoid", -10.0)
+    assert siglip.text_encoder.attn_mask is None and siglip.text_encoder.pool_type == "last"
+    assert (clip.text_width, clip.vision_width, clip.embed_dim) == (64, 64, 32)
+    assert (siglip.text_width, siglip.vision_width, siglip.embed_dim) == (40, 48, 32)
+    assert siglip.preprocess.mean == (0.5, 0.5, 0.5) and siglip.preprocess.image_size == 64
+    # SigLIP-style sequences: the text first, then </s>, then padding; pooled at the last position.
+    tokens = siglip.tokenizer(["a red circle."])[0].tolist()
+    assert tokens[:5] == siglip.tokenizer.encode("a red circle.") + [1] and set(tokens[5:]) == {0}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_features_are_open_clips_own(backbones, images, style):
+    backbone = backbones[style]
+    tokens = backbone.tokenizer(fill_template(TEMPLATE, CLASSES))
+    with torch.no_grad():
+        assert torch.equal(backbone.text_encoder.encode_tokens(tokens), backbone.model.encode_text(tokens))
+        assert torch.equal(backbone.image_encoder(images), backbone.model.encode_image(images))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_identity_head_gives_the_models_own_zero_shot_logits(backbones, images, style):
+    backbone = backbones[style]
+    prompts = FixedPrompts(CLASSES, TEMPLATE)
+    with torch.no_grad():
+        expected, _ = backbone.model.get_logits(images, backbone.tokenizer(fill_template(TEMPLATE, CLASSES)))
+        plain = CLIPClassifier(backbone, prompts)(images).logits
+        with_head = CLIPClassifier(backbone, prompts, head=RAdaHead(32, num_heads=8))(images).logits
+    assert torch.equal(plain, expected) and torch.equal(with_head, expected)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("position", ["end", "front"])
+def test_coop_context_from_the_template_words_reproduces_its_zero_shot_features(backbones, style, position):
+    backbone = backbones[style]
+    learner = CoOpPromptLearner(backbone, CLASSES, ctx_init="a photo of a", position=position)
+    fixed = FixedPrompts(CLASSES, TEMPLATE if position == "end" else "{} a photo of a.")
+    with torch.no_grad():
+        learned = learner(backbone.text_encoder)
+        written = fixed(backbone.text_encoder)
+    assert torch.allclose(learned, written, atol=1e-6)
+    # The context stands where the tokenizer puts the text: after CLIP's start token, first for SigLIP.
+    start = backbone.tokenizer.prefix_length
+    expected = backbone.text_encoder.token_embedding(backbone.tokenizer("a photo of a"))[0, start : start + 4]
+    assert torch.equal(learner.ctx, expected)
+
+
+def shallow_prompted_image_features(visual, images, prompts):
+    """Reference: open_clip's ViT with `prompts` appended after the class and patch tokens."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = torch.cat([x, prompts.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+    x = visual.transformer(visual.ln_pre(x))
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj
+
+
+def test_maple_depth_one_is_shallow_prompting(backbones, images):
+    backbone = backbones["clip"]
+    learner = MaPLePromptLearner(backbone, CLASSES, n_ctx=2, depth=1)
+    model = MaPLeClassifier(backbone, learner)
+    with torch.no_grad():
+        first = learner.proj(learner.ctx)
+        expected = shallow_prompted_image_features(backbone.model.visual, images, first)
+        assert torch.allclose(model.encode_image(images), expected, atol=1e-6)
+        assert torch.allclose(model.text_features(), FixedPrompts(CLASSES, TEMPLATE)(backbone.text_encoder), atol=1e-6)
+
+
+def test_maple_deep_prompts_run_on_the_siglip_style_towers(backbones, images):
+    backbone = backbones["siglip"]
+    learner = MaPLePromptLearner(backbone, CLASSES, n_ctx=2, depth=2)
+    seen = []
+    handle = backbone.text_encoder.transformer.resblocks[1].register_forward_hook(
+        lambda module, args, output: seen.append(args[0].detach()))
+    try:
+        logits = MaPLeClassifier(backbone, learner, head=RAdaHead(32, num_heads=8))(images).logits
+    finally:
+        handle.remove()
+    logits.sum().backward()
+    assert logits.shape == (3, len(CLASSES)) and learner.compound_prompts_text[0].grad.abs().sum() > 0
+    # No start token: the deep text prompts replace positions 0 .. n-1 of the block's (N, L, W) input.
+    assert torch.equal(seen[0][:, :2], learner.compound_prompts_text[0].detach().expand(len(CLASSES), -1, -1))
+
+
+def test_flyp_on_a_sigmoid_model_uses_the_sigmoid_loss(backbones):
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    expected = -(F.logsigmoid(torch.tensor([2.0, 1.0, -0.5, 3.0]))).sum() / 2
+    assert torch.allclose(flyp_loss(logits, objective=backbones["siglip"].objective), expected)
+    assert backbones["clip"].objective == "softmax"
+
+
+def test_preprocessing_follows_the_backbone_unless_set_otherwise(backbones):
+    from yacs.config import CfgNode as CN
+
+    cfg = CN()
+    cfg.INPUT = CN()
+    cfg.INPUT.SIZE = (224, 224)
+    cfg.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
+    cfg.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
+    cfg.INPUT.INTERPOLATION = "bicubic"
+    followed, changed = follow_preprocess(cfg, backbones["siglip"].preprocess)
+    assert followed.INPUT.SIZE == (64, 64) and followed.INPUT.PIXEL_MEAN == [0.5, 0.5, 0.5]
+    assert set(changed) == {"SIZE", "PIXEL_MEAN", "PIXEL_STD"} and cfg.INPUT.SIZE == (224, 224)
+    cfg.INPUT.PIXEL_MEAN = [0.4, 0.4, 0.4]  # the user's own choice stays
+    assert follow_preprocess(cfg, backbones["siglip"].preprocess)[0].INPUT.PIXEL_MEAN == [0.4, 0.4, 0.4]
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_unknown_architecture_lists_close_matches():
+    with pytest.raises(BackboneError, match="Unknown open_clip architecture 'ViT-B-61'.*ViT-B-16"):
+        load_backbone("open_clip:ViT-B-61/laion2b_s34b_b88k")
+
+
+def test_unknown_pretrained_tag_lists_close_matches():
+    with pytest.raises(BackboneError, match="no pretrained weights 'laion2b_s34b_b89k' for ViT-B-16.*laion2b_s34b_b88k"):
+        load_backbone("open_clip:ViT-B-16/laion2b_s34b_b89k")
+
+
+def test_missing_weights_offline_name_the_model_the_file_and_the_fix(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BackboneError) as error:
+        load_backbone("open_clip:ViT-B-32/laion2b_s34b_b79k", cache_dir=str(tmp_path))
+    message = str(error.value)
+    assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in message and "could not be downloaded" in message
+    assert "https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message
+    assert "MODEL.BACKBONE.WEIGHTS" in message
+    with pytest.raises(BackboneError, match="downloading is disabled"):
+        load_backbone("open_clip:ViT-B-32/laion2b_s34b_b79k", cache_dir=str(tmp_path), download=False)
+
+
+def test_architecture_without_weights_or_with_a_missing_file_is_explained(tmp_path):
+    with pytest.raises(BackboneError, match="without weights.*laion2b_s34b_b88k"):
+        load_backbone("open_clip:ViT-B-16")
+    with pytest.raises(BackboneError, match="is not a file"):
+        load_backbone("open_clip:ViT-B-16", weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_checkpoint_of_another_backbone_is_refused(backbones, tmp_path):
+    path = write_checkpoint({"state_dict": {}, "backbone": backbones["clip"].signature()}, str(tmp_path), "model.pth.tar-1")
+    assert read_checkpoint(path, backbones["clip"].signature())["state_dict"] == {}
+    with pytest.raises(CheckpointError, match="another backbone"):
+        read_checkpoint(path, backbones["siglip"].signature())
+
+
+# ---- train.py end to end -------------------------------------------------------------------------
+
+FAST = {
+    "MaPLe": ("TRAINER.MAPLE.PROMPT_DEPTH", "2"),
+    "RAdaMaPLe": ("TRAINER.MAPLE.PROMPT_DEPTH", "2"),
+    "RAdaTTT": ("TRAINER.TTT.N_VIEWS", "3", "DATALOADER.TEST.BATCH_SIZE", "4"),
+    "RAdaCoOpTTT": ("TRAINER.TTT.N_VIEWS", "3", "DATALOADER.TEST.BATCH_SIZE", "4"),
+    "FT": ("TRAINER.FT.WARMUP_STEPS", "1"),
+    "FLYP": ("TRAINER.FT.WARMUP_STEPS", "1"),
+    "RAdaFT": ("TRAINER.FT.WARMUP_STEPS", "1"),
+}
+TRAINERS = [
+    ("ZeroshotCLIP", "vit_b16"), ("CoOp", "vit_b16_ep50_ctxv1"), ("RAda", "vit_b16_ep5"),
+    ("RAdaCoOp", "vit_b16_ep50_ctxv1"), ("CLIPAdapter", "vit_b16_ep5"), ("RAdaAdapter", "vit_b16_ep5"),
+    ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx"), ("RAdaMaPLe", "vit_b16_c2_ep5_batch4_2ctx"), ("FT", "vit_b16_ep10"),
+    ("FLYP", "vit_b16_ep10"), ("RAdaFT", "vit_b16_ep10"), ("RAdaTTT", "vit_b16_imagenet"),
+    ("RAdaCoOpTTT", "vit_b16_imagenet"),
+]
+# The head-only trainers, and FLYP for its sigmoid objective.
+SIGLIP_TRAINERS = ["ZeroshotCLIP", "RAda", "RAdaTTT", "RAdaFT", "FLYP"]
+
+
+def assert_clean(result):
+    assert result.returncode == 0, result.output[-3000:]
+    assert "Traceback" not in result.output
+
+
+def train_and_evaluate(trainer, config, data_root, folder, workdir):
+    run = TrainRun(trainer, config, data_root, open_clip_models.backbone_name(folder), workdir)
+    trained = run.train(*FAST.get(trainer, ()))
+    assert_clean(trained)
+    assert trained.accuracy is not None and "INPUT.SIZE (64, 64)" in trained.log
+    evaluated = run.evaluate(*FAST.get(trainer, ()))
+    assert_clean(evaluated)
+    assert evaluated.accuracy is not None
+    return run
+
+
+@requires_dassl
+@pytest.mark.parametrize("trainer,config", TRAINERS)
+def test_every_trainer_on_the_clip_style_model(trainer, config, model_dirs, synthetic_data_root, tmp_path):
+    train_and_evaluate(trainer, config, synthetic_data_root, model_dirs["clip"], tmp_path)
+
+
+@requires_dassl
+@pytest.mark.parametrize("trainer,config", [(t, c) for t, c in TRAINERS if t in SIGLIP_TRAINERS])
+def test_head_only_trainers_on_the_siglip_style_model(trainer, config, model_dirs, synthetic_data_root, tmp_path):
+    run = train_and_evaluate(trainer, config, synthetic_data_root, model_dirs["siglip"], tmp_path)
+    if trainer == "RAda":  # a head trained on one backbone never loads into another
+        other = TrainRun("RAda", config, synthetic_data_root, open_clip_models.backbone_name(model_dirs["clip"]),
+                         tmp_path / "other")
+        refused = other.evaluate(model_dir=run.train_dir)
+        assert refused.returncode == 2 and "another backbone" in refused.output and "Traceback" not in refused.output
