@@ -1,8 +1,10 @@
 """An existing CoOp-style checkout gains `--trainer RAdaCoOp` with two added lines.
 
-The host below is a minimal program in the shape of CoOp's repository: its own `trainers`
-package (with its own CoOp trainer, whose name must not clash with ours), its own `datasets`
-package, and a train.py that assembles the config with an extend_cfg function. The test adds
+The host below is a minimal program in the shape of CoOp's and MaPLe's repositories: its own
+`trainers` package (with its own CoOp trainer, whose name must not clash with ours), its own
+`datasets` package, its own `clip` package laid out as MaPLe's (clip.py, model.py whose
+build_model needs a `design_details` argument, simple_tokenizer.py), which shadows the installed
+one, and a train.py that assembles the config with an extend_cfg function. The test adds
 `import rada_plugin` and `rada_plugin.extend_cfg(cfg)` to that train.py, puts this repository
 on PYTHONPATH and runs the host's train.py with --trainer RAdaCoOp.
 """
@@ -26,6 +28,7 @@ from dassl.engine import build_trainer
 from dassl.utils import set_random_seed, setup_logger
 from yacs.config import CfgNode as CN
 
+import clip
 import datasets.shapes
 import trainers.coop
 {plugin_import}
@@ -56,6 +59,7 @@ def main():
     cfg.freeze()
     set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
+    print("clip package:", clip.__file__)
     build_trainer(cfg).train()
 
 
@@ -64,6 +68,7 @@ if __name__ == "__main__":
 '''
 
 HOST_COOP = '''\
+from clip import clip  # the host's own clip package, as MaPLe's trainers import it
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 
 
@@ -96,12 +101,41 @@ class HostShapes(DatasetBase):
 '''
 
 
+# The host's clip package: MaPLe's layout, with a build_model that needs design_details. Our trainers
+# must never reach it: each entry point fails loudly.
+HOST_CLIP = {
+    "__init__.py": "from .clip import *\n",
+    "clip.py": (
+        "from .model import build_model\n"
+        "from .simple_tokenizer import SimpleTokenizer as _Tokenizer\n\n"
+        "__all__ = ['available_models', 'load', 'tokenize']\n"
+        "_MODELS = {}\n\n\n"
+        "def available_models():\n    return list(_MODELS)\n\n\n"
+        "def load(name, device='cpu', design_details=None):\n    raise RuntimeError('the host clip.load')\n\n\n"
+        "def tokenize(texts, context_length=77):\n    raise RuntimeError('the host clip.tokenize')\n"
+    ),
+    "model.py": (
+        "def build_model(state_dict: dict, design_details):\n"
+        "    raise RuntimeError('the host build_model (MaPLe-style, with design_details)')\n\n\n"
+        "def convert_weights(model):\n    raise RuntimeError('the host convert_weights')\n"
+    ),
+    "simple_tokenizer.py": (
+        "class SimpleTokenizer:\n    def __init__(self, *args, **kwargs):\n"
+        "        raise RuntimeError('the host SimpleTokenizer')\n"
+    ),
+}
+
+
 def make_host(root, with_plugin):
     os.makedirs(os.path.join(root, "trainers"))
     os.makedirs(os.path.join(root, "datasets"))
     os.makedirs(os.path.join(root, "configs"))
     for package in ("trainers", "datasets"):
         open(os.path.join(root, package, "__init__.py"), "w").close()
+    os.makedirs(os.path.join(root, "clip"))
+    for name, text in HOST_CLIP.items():
+        with open(os.path.join(root, "clip", name), "w") as handle:
+            handle.write(text)
     with open(os.path.join(root, "trainers", "coop.py"), "w") as handle:
         handle.write(HOST_COOP)
     with open(os.path.join(root, "datasets", "shapes.py"), "w") as handle:
@@ -139,6 +173,9 @@ def test_two_lines_add_rada_trainers_to_a_coop_checkout(synthetic_data_root, tin
     assert "trainer=RAdaCoOp" in result.stdout and "* accuracy:" in result.stdout
     # Reaching training at all shows the names did not clash: Dassl's registry raises on a duplicate.
     assert os.path.isfile(tmp_path / "out" / "rada_head" / "model.pth.tar-1")
+    # The host's clip package was the one `import clip` found, and ours never called into it.
+    assert f"clip package: {os.path.join(host, 'clip', '__init__.py')}" in result.stdout
+    assert "the host" not in result.stdout + result.stderr
 
 
 @pytest.mark.e2e

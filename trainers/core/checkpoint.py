@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from .backbones.base import describe_signature, same_backbone
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -179,17 +180,13 @@ def read_checkpoint(path, backbone=None):
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' entry).")
     saved = checkpoint.get("backbone")
-    if backbone is not None and saved is not None and saved != backbone:
+    if backbone is not None and saved is not None and not same_backbone(saved, backbone):
         raise CheckpointError(
-            f"{path} was trained on another backbone ({_describe(saved)}) than the one loaded now "
-            f"({_describe(backbone)}). Set MODEL.BACKBONE.NAME to the backbone of that run, or use a "
+            f"{path} was trained on another backbone ({describe_signature(saved)}) than the one loaded now "
+            f"({describe_signature(backbone)}). Set MODEL.BACKBONE.NAME to the backbone of that run, or use a "
             "--model-dir trained with this backbone."
         )
     return checkpoint
-
-
-def _describe(signature):
-    return f"{signature['vision']} width {signature['vision_width']}, embedding {signature['embed_dim']}"
 
 
 def _normalise_key(key):

@@ -22,6 +22,8 @@ from .base import (  # noqa: F401  (the interface, re-exported)
     PromptSites,
     TextEncoder,
     Tokenizer,
+    describe_signature,
+    same_backbone,
 )
 
 # prefix -> module with load(spec, weights, cache_dir, download); imported only when used.

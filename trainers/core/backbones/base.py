@@ -175,6 +175,24 @@ class Backbone:
         return False
 
 
+def same_backbone(saved, current):
+    """Whether a checkpoint's backbone signature fits the backbone loaded now: every entry both
+    record must agree, where None means "not known" (a local OpenAI file has no model name).
+    Checkpoints written before backbones had families hold only widths, all of OpenAI models."""
+    saved = {"family": "openai", **saved}
+    return all(
+        saved[key] == current[key]
+        for key in saved.keys() & current.keys()
+        if saved[key] is not None and current[key] is not None
+    )
+
+
+def describe_signature(signature):
+    name = signature.get("model") or "a local file"
+    return (f"{signature.get('family', 'openai')} {name}: {signature['vision']} width {signature['vision_width']}, "
+            f"embedding {signature['embed_dim']}")
+
+
 def pooled_at(features, positions):
     """features (N, L, W) at one position per sequence (N,) -> (N, W)."""
     return features[torch.arange(features.shape[0], device=features.device), positions]

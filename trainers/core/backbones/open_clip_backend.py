@@ -109,7 +109,8 @@ class OpenCLIPBackbone(Backbone):
         self.logit_scale = model.logit_scale
         self.logit_bias = model.logit_bias
         self.text_width = int(self.text_encoder.token_embedding.weight.shape[1])
-        self.embed_dim = int(model.visual.output_dim)
+        projection = self.text_encoder.text_projection
+        self.embed_dim = int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
         self.vision_width = int(_vision_width(model.visual))
         self.preprocess = _preprocess(model.visual)
 

@@ -90,9 +90,8 @@ class ClipBackbone(Backbone):
         return "ViT" if self.is_vit else "ResNet"
 
     def signature(self):
-        # The widths alone, as checkpoints have always recorded them (see read_checkpoint).
         signature = super().signature()
-        del signature["family"], signature["model"]
+        signature["patch_size"] = int(self.model.visual.conv1.kernel_size[0]) if self.is_vit else None
         return signature
 
     def cast(self, dtype):
