@@ -1,8 +1,6 @@
 """The backbone interface on open_clip models: tiny CLIP-style and SigLIP-style models built from
 custom model configs, written to disk as the hub holds them and loaded through the project's loader."""
 
-import os
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -257,17 +255,16 @@ class InProcessRun(TrainRun):
         self.monkeypatch = monkeypatch
 
     def run(self, command, output_dir, timeout=None):
+        import io
         import sys
 
         import train
 
-        self.monkeypatch.setattr(sys, "stdout", sys.stdout)  # Dassl's logger replaces it for the run
+        console = io.StringIO()  # Dassl's logger tees into it (and closes it when collected)
+        self.monkeypatch.setattr(sys, "stdout", console)
         self.monkeypatch.setattr(sys, "argv", command[1:])
         returncode = train.main(command[2:])
-        sys.stdout.flush()  # Dassl's logger writes log.txt through a buffer
-        log_path = os.path.join(output_dir, "log.txt")
-        output = open(log_path).read() if os.path.isfile(log_path) else ""
-        return RunResult(returncode, output, output_dir)
+        return RunResult(returncode, console.getvalue(), output_dir)
 
 
 def assert_clean(result):
