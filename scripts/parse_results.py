@@ -491,7 +491,8 @@ def report(args):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of figures/
         from figures.results import plot_results  # matplotlib only when charts are asked for
 
-        print("\n".join(f"Wrote {path}" for path in plot_results(args.plot, summaries, published, args.ci95)))
+        charts = plot_results(args.plot, summaries, published, args.ci95, published_backbones=PUBLISHED_BACKBONES)
+        print("\n".join(f"Wrote {path}" for path in charts))
     return 0
 
 

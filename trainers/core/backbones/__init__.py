@@ -48,7 +48,13 @@ def split_name(name):
 def load_backbone(name, weights="", cache_dir=None, download=True):
     """The Backbone that MODEL.BACKBONE.NAME (and .WEIGHTS, .CACHE_DIR) name, on the CPU in eval mode."""
     module_path, spec = split_name(name)
-    backend = importlib.import_module(module_path, __name__)
+    try:
+        backend = importlib.import_module(module_path, __name__)
+    except ModuleNotFoundError as error:
+        raise BackboneError(
+            f"MODEL.BACKBONE.NAME {name!r} needs the Python package {error.name!r}, which is not installed: "
+            "pip install -r requirements.txt (open_clip_torch, transformers)."
+        ) from None
     return backend.load(spec, weights=weights, cache_dir=cache_dir, download=download)
 
 
