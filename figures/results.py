@@ -7,7 +7,6 @@ Base-to-new charts show base, new and HM per dataset and the average, ours (mean
 over seeds) beside the published methods; the other protocols show their accuracy column.
 """
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -119,35 +118,29 @@ def accuracy_chart(rows, title, path, ours="ours"):
     return [("acc", *entry) for entry in panel_drawn]
 
 
-def chart_path(path, key, several, named_backbone=False):
-    """FILE for a single table; FILE with the table's protocol, trainer, config and shots otherwise
-    (and its backbone when named_backbone)."""
+def chart_path(path, key, several):
+    """FILE for a single table; FILE with the table's protocol, trainer, config and shots otherwise."""
     path = Path(path)
     if not several:
         return path
-    protocol, trainer, cfg, shots, backbone = key
-    on = "_" + re.sub(r"[^A-Za-z0-9.-]+", "-", backbone) if named_backbone else ""
-    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{on}{path.suffix or '.png'}")
+    protocol, trainer, cfg, shots = key
+    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{path.suffix or '.png'}")
 
 
-def plot_results(path, summaries, published, ci95=False, published_backbones=None):
-    """One chart per table with a finished run. summaries: [((protocol, trainer, cfg, shots, backbone),
-    report)] with report.rows and report.finished, as parse_results computes them; the published
-    numbers are drawn beside tables of `published_backbones` only (None: all). Returns
+def plot_results(path, summaries, published, ci95=False):
+    """One chart per table with a finished run. summaries: [((protocol, trainer, cfg, shots), report)]
+    with report.rows and report.finished, as parse_results computes them. Returns
     {written path: [(column, method, row label, value, error)]}, what each chart shows."""
     tables = [(key, report) for key, report in summaries if report.finished]
     written = {}
     for key, report in tables:
-        protocol, trainer, cfg, shots, backbone = key
-        with_published = published_backbones is None or backbone in published_backbones
-        target = chart_path(path, key, len(tables) > 1, named_backbone=not with_published)
+        protocol, trainer, cfg, shots = key
+        target = chart_path(path, key, len(tables) > 1)
         target.parent.mkdir(parents=True, exist_ok=True)
         spread = "error bars: 95% CI over seeds" if ci95 else "error bars: std over seeds"
-        on = "" if with_published else f" | {backbone}"
-        title = f"{protocol} | {trainer} | {cfg}{on} | shots {shots}\n({spread})"
+        title = f"{protocol} | {trainer} | {cfg} | shots {shots}\n({spread})"
         if protocol == "base2new":
-            written[str(target)] = base2new_chart(report.rows, published if with_published else {}, title, target,
-                                                  ours=trainer)
+            written[str(target)] = base2new_chart(report.rows, published, title, target, ours=trainer)
         else:
             written[str(target)] = accuracy_chart(report.rows, title, target, ours=trainer)
     return written

@@ -491,8 +491,7 @@ def report(args):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of figures/
         from figures.results import plot_results  # matplotlib only when charts are asked for
 
-        charts = plot_results(args.plot, summaries, published, args.ci95, published_backbones=PUBLISHED_BACKBONES)
-        print("\n".join(f"Wrote {path}" for path in charts))
+        print("\n".join(f"Wrote {path}" for path in plot_results(args.plot, summaries, published, args.ci95)))
     return 0
 
 
