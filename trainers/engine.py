@@ -23,6 +23,7 @@ from dassl.optim import build_optimizer
 from torchvision.transforms import Compose
 
 from .config import check_values
+from .core.backbones import follow_preprocess, load_backbone
 from .core.checkpoint import (
     CHECKPOINT_POINTER,
     authors_run_folder,
@@ -37,7 +38,6 @@ from .core.checkpoint import (
     write_checkpoint,
     write_checkpoint_set,
 )
-from .core.backbones import follow_preprocess, load_backbone
 from .core.errors import CheckpointError, UserFacingError
 from .core.precision import Precision
 from .core.rada_head import rada_loss
