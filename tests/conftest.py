@@ -76,3 +76,20 @@ def synthetic_data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate(str(root))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_path(tmp_path_factory):
+    """tiny_hf_path(family) -> a folder holding a tiny random transformers model of that family
+    (clip, siglip, align, blip) as save_pretrained writes it; each is built once per session."""
+    from tests.tiny_hf import save_tiny_hf
+
+    root = tmp_path_factory.mktemp("hf")
+    folders = {}
+
+    def folder(family):
+        if family not in folders:
+            folders[family] = save_tiny_hf(family, root)
+        return folders[family]
+
+    return folder

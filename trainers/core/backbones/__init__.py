@@ -29,6 +29,7 @@ from .base import (  # noqa: F401  (the interface, re-exported)
 # prefix -> module with load(spec, weights, cache_dir, download); imported only when used.
 BACKENDS = {
     "open_clip:": ".open_clip_backend",
+    "hf:": ".hf",
 }
 DEFAULT_BACKEND = ".openai_clip"
 
