@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from tests import open_clip_models
 from tests.conftest import requires_dassl
-from tests.train_harness import RunResult, TrainRun
+from tests.train_harness import TrainRun
 from trainers.core.backbones import BackboneError, follow_preprocess, load_backbone
 from trainers.core.checkpoint import read_checkpoint, write_checkpoint
 from trainers.core.errors import CheckpointError
@@ -247,37 +247,13 @@ TRAINERS = [
 SIGLIP_TRAINERS = ["ZeroshotCLIP", "RAda", "RAdaTTT", "RAdaFT", "FLYP"]
 
 
-class InProcessRun(TrainRun):
-    """TrainRun whose train.py runs in this process; output is what the run wrote to its log."""
-
-    def __init__(self, monkeypatch, *args):
-        super().__init__(*args)
-        self.monkeypatch = monkeypatch
-
-    def run(self, command, output_dir, timeout=None):
-        import io
-        import logging
-        import sys
-
-        import train
-
-        console, errors = io.StringIO(), io.StringIO()  # Dassl's logger tees into stdout (and closes it)
-        self.monkeypatch.setattr(sys, "stdout", console)
-        self.monkeypatch.setattr(sys, "stderr", errors)
-        self.monkeypatch.setattr(sys, "argv", command[1:])
-        root = logging.getLogger()
-        self.monkeypatch.setattr(root, "handlers", list(root.handlers))  # train.py points them at its stdout
-        returncode = train.main(command[2:])
-        return RunResult(returncode, console.getvalue() + errors.getvalue(), output_dir)
-
-
 def assert_clean(result):
     assert result.returncode == 0, result.output[-3000:]
     assert "Traceback" not in result.output
 
 
-def train_and_evaluate(monkeypatch, trainer, config, data_root, folder, workdir):
-    run = InProcessRun(monkeypatch, trainer, config, data_root, open_clip_models.backbone_name(folder), workdir)
+def train_and_evaluate(trainer, config, data_root, folder, workdir):
+    run = TrainRun(trainer, config, data_root, open_clip_models.backbone_name(folder), workdir, in_process=True)
     if trainer.endswith("TTT"):  # test-time trainers train nothing: one evaluation, from the identity head
         options = ("DATASET.SUBSAMPLE_CLASSES", "new", *FAST[trainer])
         evaluated = run.run(run.command(run.test_dir, "--eval-only", options=options), run.test_dir)
@@ -295,18 +271,18 @@ def train_and_evaluate(monkeypatch, trainer, config, data_root, folder, workdir)
 
 @requires_dassl
 @pytest.mark.parametrize("trainer,config", TRAINERS)
-def test_every_trainer_on_the_clip_style_model(trainer, config, model_dirs, synthetic_data_root, tmp_path, monkeypatch):
-    train_and_evaluate(monkeypatch, trainer, config, synthetic_data_root, model_dirs["clip"], tmp_path)
+def test_every_trainer_on_the_clip_style_model(trainer, config, model_dirs, synthetic_data_root, tmp_path):
+    train_and_evaluate(trainer, config, synthetic_data_root, model_dirs["clip"], tmp_path)
 
 
 @requires_dassl
 @pytest.mark.parametrize("trainer,config", [(t, c) for t, c in TRAINERS if t in SIGLIP_TRAINERS])
 def test_head_only_trainers_on_the_siglip_style_model(
-    trainer, config, model_dirs, synthetic_data_root, tmp_path, monkeypatch
+    trainer, config, model_dirs, synthetic_data_root, tmp_path
 ):
-    run = train_and_evaluate(monkeypatch, trainer, config, synthetic_data_root, model_dirs["siglip"], tmp_path)
+    run = train_and_evaluate(trainer, config, synthetic_data_root, model_dirs["siglip"], tmp_path)
     if trainer == "RAda":  # a head trained on one backbone never loads into another
-        other = InProcessRun(monkeypatch, "RAda", config, synthetic_data_root,
-                             open_clip_models.backbone_name(model_dirs["clip"]), tmp_path / "other")
+        other = TrainRun("RAda", config, synthetic_data_root,
+                             open_clip_models.backbone_name(model_dirs["clip"]), tmp_path / "other", in_process=True)
         refused = other.evaluate(model_dir=run.train_dir)
         assert refused.returncode == 2 and "another backbone" in refused.output

@@ -25,6 +25,8 @@ class ZeroshotCLIP(CLIPTrainer):
 class CoOp(CLIPTrainer):
     """Context optimisation: learnable prompt context, frozen CLIP."""
 
+    LEARNS_PROMPTS = True
+
     def build_classifier(self, backbone, classnames):
         return CLIPClassifier(backbone, coop_prompt_learner(self.cfg, backbone, classnames))
 

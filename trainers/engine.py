@@ -82,6 +82,9 @@ class CLIPTrainer(TrainerX):
     # The config node whose PREC key sets CLIP's precision, TRAINER.<PREC_NODE>.PREC (the rule is in
     # trainers/config.py).
     PREC_NODE = "COOP"
+    # Whether the trainer learns prompt token embeddings (CoOp's context, MaPLe's prompts), which
+    # needs a text tower that takes embeddings; Hugging Face towers take token ids only.
+    LEARNS_PROMPTS = False
 
     def __init__(self, cfg):
         _log_to_stdout()
@@ -124,6 +127,7 @@ class CLIPTrainer(TrainerX):
         # Dassl builds the data loaders before the model: the backbone is loaded first, so that the
         # images are prepared as the backbone expects (its image size, mean/std, interpolation).
         self.dual_encoder = self.load_backbone()
+        self._check_backbone_supports_trainer(self.dual_encoder)
         self.cfg, changed = follow_preprocess(self.cfg, self.dual_encoder.preprocess)
         if changed:
             logger.info("Input preprocessing of %s: %s", self.cfg.MODEL.BACKBONE.NAME,
@@ -141,6 +145,18 @@ class CLIPTrainer(TrainerX):
         backbone = self.cfg.MODEL.BACKBONE
         logger.info(f"Loading CLIP (backbone: {backbone.NAME})")
         return load_backbone(backbone.NAME, weights=backbone.WEIGHTS, cache_dir=backbone.CACHE_DIR or None)
+
+    def _check_backbone_supports_trainer(self, backbone):
+        if not self.LEARNS_PROMPTS or backbone.text_encoder.takes_embeddings:
+            return
+        supported = [
+            name for name in TRAINER_REGISTRY.registered_names()
+            if issubclass(TRAINER_REGISTRY.get(name), CLIPTrainer) and not TRAINER_REGISTRY.get(name).LEARNS_PROMPTS
+        ]
+        raise UserFacingError(
+            f"{self.cfg.TRAINER.NAME} learns prompt embeddings, which is not supported for this backbone "
+            f"({backbone.name}: its text tower takes token ids only). Trainers supported on it: {', '.join(supported)}."
+        )
 
     def build_model(self):
         self.precision = Precision(self.precision_mode(), self.device)

@@ -10,6 +10,7 @@ class MaPLe(CLIPTrainer):
     """Multi-modal prompt learning: deep text prompts and vision prompts coupled to them."""
 
     PREC_NODE = "MAPLE"
+    LEARNS_PROMPTS = True
 
     def build_classifier(self, backbone, classnames):
         return MaPLeClassifier(backbone, maple_prompt_learner(self.cfg, backbone, classnames))
@@ -23,6 +24,7 @@ class RAdaMaPLe(RAdaMixin, CLIPTrainer):
     """MaPLe's prompts and the RAda head, trained together; configured like MaPLe."""
 
     PREC_NODE = "MAPLE"
+    LEARNS_PROMPTS = True
 
     def build_classifier(self, backbone, classnames):
         prompts = maple_prompt_learner(self.cfg, backbone, classnames)

@@ -38,6 +38,8 @@ class RAda(RAdaMixin, CLIPTrainer):
 class RAdaCoOp(RAdaMixin, CLIPTrainer):
     """CoOp's learnable prompts and the head, trained together; configured like CoOp."""
 
+    LEARNS_PROMPTS = True
+
     def build_classifier(self, backbone, classnames):
         prompts = coop_prompt_learner(self.cfg, backbone, classnames)
         return CLIPClassifier(backbone, prompts, head=self.build_head())
