@@ -28,9 +28,10 @@ def extend_cfg(cfg):
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all, base or new (CoOp's base-to-new protocol)
     # MODEL.BACKBONE.NAME: an OpenAI CLIP name (ViT-B/16, RN50, ...) or checkpoint file,
     # "open_clip:ARCH/PRETRAINED", "open_clip:hf-hub:ORG/NAME", "open_clip:local-dir:FOLDER" or
-    # "open_clip:ARCH" with WEIGHTS (see README, "Backbones").
+    # "open_clip:ARCH" with WEIGHTS, "hf:ORG/NAME" or "hf:FOLDER" for a transformers dual encoder
+    # (see README, "Backbones").
     # Folder of downloaded weights; "" means $CLIP_CACHE_DIR or ~/.cache/clip (open_clip: its own
-    # default caches, ~/.cache/clip and the Hugging Face cache).
+    # default caches, ~/.cache/clip and the Hugging Face cache; hf: the Hugging Face cache).
     cfg.MODEL.BACKBONE.CACHE_DIR = ""
     cfg.MODEL.BACKBONE.WEIGHTS = ""  # a local weights file for the architecture NAME names
 
