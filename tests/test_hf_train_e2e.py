@@ -37,6 +37,7 @@ def assert_clean(result):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("trainer, config, modules", [
     ("RAda", "vit_b16_ep5", ["rada_head"]),
     ("RAdaFT", "vit_b16_ep10", ["image_encoder", "rada_head"]),
@@ -58,6 +59,7 @@ def test_train_one_epoch_then_evaluate_new_classes(trainer, config, modules, syn
     assert "subsample=new" in evaluated.output and evaluated.accuracy is not None
 
 
+@pytest.mark.e2e
 def test_zero_shot_and_test_time_training_from_the_identity_head(synthetic_data_root, hf_clip, tmp_path):
     """With no steps, RAdaTTT from the identity head predicts exactly as zero-shot classification."""
     clip = TrainRun("ZeroshotCLIP", "vit_b16", synthetic_data_root, hf_clip, tmp_path / "clip", in_process=True)
