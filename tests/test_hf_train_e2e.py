@@ -17,16 +17,6 @@ TTT_OPTIONS = ("DATASET.SUBSAMPLE_CLASSES", "base", "DATALOADER.TEST.BATCH_SIZE"
                "TRAIN.PRINT_FREQ", "50")
 
 
-@pytest.fixture(autouse=True)
-def single_threaded_torch():
-    """Many small operations per test image: torch's spinning worker threads would slow them down
-    many times on a busy machine (what OMP_NUM_THREADS=1 does for the subprocess runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def hf_clip(tiny_hf_path):
     return "hf:" + tiny_hf_path("clip")
