@@ -186,16 +186,20 @@ def _flush_log_per_line():
 
 
 def run(args):
+    if int(os.environ.get("RANK", "0")) > 0:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when imported: Dassl's progress bars from process 0 only
     import torch
     from dassl.engine import build_trainer
     from dassl.utils import collect_env_info, set_random_seed, setup_logger
 
+    from trainers.core import distributed
     from trainers.core.results import flatten_config, write_run_record
     from trainers.core.run_lock import lock_run_dir
 
     cfg = setup_cfg(args)
     register_all(cfg)
     make_output_dir(cfg)
+    distributed.join_process_group(use_cuda=torch.cuda.is_available() and cfg.USE_CUDA)  # under torchrun
     # Under torchrun every process gets RANK; the first one speaks for the run folder.
     owns_run_dir = bool(cfg.OUTPUT_DIR) and os.environ.get("RANK", "0") == "0"
     if owns_run_dir:
@@ -204,8 +208,11 @@ def run(args):
         check_run_record(cfg)
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
-    setup_logger(cfg.OUTPUT_DIR)
-    _flush_log_per_line()
+    if distributed.is_main_process():
+        setup_logger(cfg.OUTPUT_DIR)
+        _flush_log_per_line()
+    else:  # one log.txt and one console output; the other processes' errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     if torch.cuda.is_available() and cfg.USE_CUDA:
         torch.backends.cudnn.benchmark = True

@@ -11,18 +11,22 @@ the backbone and trainer it was made with; each epoch is saved as one checkpoint
 trainers/core/checkpoint.py) so that an interrupted run resumes bit for bit.
 """
 
+import datetime
 import logging
 import os
 import os.path as osp
 import sys
+import time
 
 import torch
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
+from dassl.utils import AverageMeter, MetricMeter
 from torchvision.transforms import Compose
 
 from .config import check_values
+from .core import distributed
 from .core.backbones import follow_preprocess, load_backbone
 from .core.checkpoint import (
     CHECKPOINT_POINTER,
@@ -89,6 +93,7 @@ class CLIPTrainer(TrainerX):
     def __init__(self, cfg):
         _log_to_stdout()
         super().__init__(cfg)
+        self.evaluator = distributed.sharded_evaluator(self.evaluator)  # distributed: gathers the shards
 
     def check_cfg(self, cfg):
         """Dassl calls this first in the constructor, before anything is built."""
@@ -132,7 +137,14 @@ class CLIPTrainer(TrainerX):
         if changed:
             logger.info("Input preprocessing of %s: %s", self.cfg.MODEL.BACKBONE.NAME,
                         ", ".join(f"INPUT.{key} {value}" for key, value in changed.items()))
-        super().build_data_loader()
+        with distributed.main_process_first():  # process 0 writes the few-shot cache the others read
+            super().build_data_loader()
+        # distributed: this process's share of each training batch and of the evaluation images
+        self.train_loader_x = distributed.distributed_train_loader(
+            self.train_loader_x, self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE, self.cfg.SEED
+        )
+        self.val_loader = distributed.sharded_loader(self.val_loader)
+        self.test_loader = distributed.sharded_loader(self.test_loader)
         # Some test sets transform each image first (ObjectNet's frame is cut off).
         pre_transform = getattr(self.dm.dataset, "test_pre_transform", None)
         if pre_transform is not None:
@@ -177,6 +189,7 @@ class CLIPTrainer(TrainerX):
             count = sum(p.numel() for p in module.parameters() if p.requires_grad)
             logger.info(f"Learnable parameters in {name}: {count:,}")
         self.scaler = self.precision.grad_scaler()
+        self.data_parallel = None  # distributed: set by wrap_data_parallel before training
 
     def _check_input_size(self, backbone):
         expected = backbone.preprocess.image_size
@@ -188,14 +201,59 @@ class CLIPTrainer(TrainerX):
             )
 
     # ---- training -----------------------------------------------------------------------------
+    def before_train(self):
+        super().before_train()
+        self.wrap_data_parallel()
+
+    def wrap_data_parallel(self):
+        """distributed: all-reduce the gradients of the registered modules from now on."""
+        distributed.seed_per_process(self.cfg.SEED)
+        self.data_parallel = distributed.data_parallel(self._models)
+
+    def before_epoch(self):
+        super().before_epoch()
+        distributed.set_epoch(self.train_loader_x, self.epoch)
+
+    def run_epoch(self):
+        """Dassl's training loop; its progress lines also give the throughput of all processes."""
+        self.set_model_mode("train")
+        losses, batch_time, data_time = MetricMeter(), AverageMeter(), AverageMeter()
+        self.num_batches = len(self.train_loader_x)
+        images = 0
+        end = time.time()
+        for batch_idx, batch in enumerate(self.train_loader_x):
+            self.batch_idx = batch_idx
+            data_time.update(time.time() - end)
+            losses.update(self.forward_backward(batch))
+            batch_time.update(time.time() - end)
+            images += len(batch["label"]) * distributed.world_size()
+            print_freq = self.cfg.TRAIN.PRINT_FREQ
+            if (self.batch_idx + 1) % print_freq == 0 or self.num_batches < print_freq:
+                remaining = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
+                print(
+                    f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                    f"time {batch_time.val:.3f} ({batch_time.avg:.3f}) data {data_time.val:.3f} ({data_time.avg:.3f}) "
+                    f"{losses} lr {self.get_current_lr():.4e} images/s {images / batch_time.sum:.1f} "
+                    f"eta {datetime.timedelta(seconds=int(batch_time.avg * remaining))}"
+                )
+            n_iter = self.epoch * self.num_batches + self.batch_idx
+            for name, meter in losses.meters.items():
+                self.write_scalar("train/" + name, meter.avg, n_iter)
+            self.write_scalar("train/lr", self.get_current_lr(), n_iter)
+            end = time.time()
+
     def parse_batch_train(self, batch):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
+    def forward_loss(self, images, labels):
+        """(ClassifierOutput, targets, loss) of a training batch; distributed: run inside DDP's forward."""
         with self.precision.autocast():
             output, targets = self.forward_train(images, labels)
-            loss = self.compute_loss(output, targets)
+            return output, targets, self.compute_loss(output, targets)
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        output, targets, loss = distributed.run_step(self.data_parallel, self.forward_loss, images, labels)
         self._backward_and_step(loss)
         self.step_schedulers()
         return self.training_summary(output, targets, loss)
@@ -226,8 +284,13 @@ class CLIPTrainer(TrainerX):
             return self.model(images).logits
 
     # ---- evaluation ---------------------------------------------------------------------------
+    def init_writer(self, log_dir):
+        if distributed.is_main_process():  # one writer
+            super().init_writer(log_dir)
+
     def evaluate(self, split):
         """Accuracy on `split` ("val" or "test"): Dassl's evaluation loop over its loader."""
+        distributed.broadcast_buffers(self._models.values())  # every shard evaluated by the same model
         return super().test(split)
 
     def test(self, split=None):
@@ -249,7 +312,8 @@ class CLIPTrainer(TrainerX):
                 self.best_result = result
                 self.save_model(self.epoch, self.output_dir, val_result=result, model_name="model-best.pth.tar")
         self.save_model(self.epoch, self.output_dir)
-        prune_checkpoints(self.output_dir, self.get_model_names(), self.epoch + 1, self.cfg.TRAIN.CHECKPOINT_FREQ)
+        if distributed.is_main_process():  # one writer
+            prune_checkpoints(self.output_dir, self.get_model_names(), self.epoch + 1, self.cfg.TRAIN.CHECKPOINT_FREQ)
 
     def _checkpoint_payload(self, name, epoch, val_result):
         return {
@@ -266,6 +330,7 @@ class CLIPTrainer(TrainerX):
     def _random_loaders(self):
         return {"train_loader_x": self.train_loader_x}
 
+    @distributed.on_main_process
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
         names = self.get_model_names()
         if model_name:  # model-best.pth.tar: a copy of the best epoch, not a point to resume from

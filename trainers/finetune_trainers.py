@@ -21,6 +21,7 @@ import logging
 import torch
 from dassl.optim import build_optimizer
 
+from .core import distributed
 from .core.errors import UserFacingError
 from .core.finetune import (
     LogitScale,
@@ -144,13 +145,15 @@ class FineTuneTrainer(CLIPTrainer):
 
     def forward_train(self, images, labels):
         """Under the flyp objective: the batch's images against one caption of each image's class
-        (B x B logits, image i's caption in column i)."""
+        (B x B logits, image i's caption in column i); distributed: the global batch, its image and
+        caption features gathered from every process."""
         if self.cfg.TRAINER.FT.OBJECTIVE != "flyp":
             return super().forward_train(images, labels)
         model = self.model
         captions = model.prompts.caption_features(model.text_encoder, labels)
-        output = model.classify(model.encode_image(images), captions)
-        return output, torch.arange(labels.shape[0], device=labels.device)
+        image_features = distributed.gather_batch(model.encode_image(images))
+        output = model.classify(image_features, distributed.gather_batch(captions))
+        return output, torch.arange(output.logits.shape[0], device=labels.device)
 
     def compute_loss(self, output, targets):
         if self.cfg.TRAINER.FT.OBJECTIVE != "flyp":

@@ -18,6 +18,7 @@ import os.path as osp
 import torch
 from torchvision import transforms as T
 
+from .core import distributed
 from .core.checkpoint import CHECKPOINT_POINTER
 from .core.errors import UserFacingError
 from .core.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
@@ -103,7 +104,7 @@ class TestTimeTrainer(CLIPTrainer):
             confident_fraction=ttt.CONFIDENT_FRACTION, autocast=self.precision.autocast,
             scaler=self.scaler if self.scaler.is_enabled() else None,
         )
-        tally = TestTimeTally(len(loader.dataset))
+        tally = TestTimeTally(len(loader.sampler))  # distributed: this process's shard
         views = f"{ttt.N_VIEWS} random resized crops{' with AugMix' if ttt.AUGMIX else ''}"
         logger.info(
             f"Test-time training of {', '.join(self.adapted_names)} on {len(loader.dataset)} images: per image the "
@@ -128,9 +129,10 @@ class TestTimeTrainer(CLIPTrainer):
         for name, value in results.items():
             self.write_scalar(f"{split}/{name}", value, self.epoch)
         accuracy = list(results.values())[0]
-        print(f"* zero-shot accuracy: {tally.zero_shot_accuracy:.2f}% (the same model before test-time training; "
+        zero_shot = TestTimeTally.percent(*distributed.sum_over_processes(tally.correct_initial, tally.seen))
+        print(f"* zero-shot accuracy: {zero_shot:.2f}% (the same model before test-time training; "
               f"after: {accuracy:.2f}%)")
-        self.write_scalar(f"{split}/zero_shot_accuracy", tally.zero_shot_accuracy, self.epoch)
+        self.write_scalar(f"{split}/zero_shot_accuracy", zero_shot, self.epoch)
         return accuracy
 
 

@@ -11,6 +11,11 @@ OUTPUT="${OUTPUT:-./output}"
 TRAINER="${TRAINER:-RAdaCoOp}"
 SHOTS="${SHOTS:-16}"
 CFG="${CFG:-}"
+# GPUS=N > 1 runs train.py in N processes through torchrun (one per GPU, or gloo on the CPU);
+# TORCHRUN_ARGS replaces torchrun's default options (--standalone: one node, a free port), e.g.
+# "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB" on each of two nodes.
+GPUS="${GPUS:-1}"
+TORCHRUN_ARGS="${TORCHRUN_ARGS:---standalone}"
 
 # From the repo root the echoed commands read like CoOp's (train.py, configs/...); elsewhere they
 # use absolute paths so that they still work when copied.
@@ -92,6 +97,7 @@ check_common() { # seed yacs-options...
     check_positive_integer SEED "$1" "Dassl's train.py ignores --seed 0; the papers use seeds 1 2 3"
     shift
     [ "$SHOTS" = all ] || check_positive_integer SHOTS "$SHOTS" "or all for every training image"
+    check_positive_integer GPUS "$GPUS" "the number of processes (one per GPU) on this node"
     [ -z "${LOADEP:-}" ] || check_positive_integer LOADEP "$LOADEP" "the epoch of the checkpoint to load"
     [ -d "$DATA" ] || die "dataset root '$DATA' does not exist: set DATA to the folder that holds the datasets"
     if [ $(($# % 2)) -ne 0 ]; then
@@ -193,9 +199,22 @@ require_trained() { # train_dir script args...
     fi
 }
 
+# The program that runs train.py: python, or torchrun (as `python -m torch.distributed.run`, the
+# environment's own) with GPUS processes when GPUS > 1 or TORCHRUN_ARGS is set.
+launcher() {
+    if [ "$GPUS" -gt 1 ] || [ "$TORCHRUN_ARGS" != --standalone ]; then
+        local extra
+        read -r -a extra <<<"$TORCHRUN_ARGS"
+        LAUNCHER=(python -m torch.distributed.run --nproc_per_node "$GPUS" "${extra[@]}")
+    else
+        LAUNCHER=(python)
+    fi
+}
+
 # Starts CMD, the train.py command line, for DATASET and OUTPUT_DIR; scripts append to it.
 start_command() { # dataset output_dir
-    CMD=(python "${REPO_PREFIX}train.py"
+    launcher
+    CMD=("${LAUNCHER[@]}" "${REPO_PREFIX}train.py"
         --root "$DATA"
         --seed "$SEED"
         --trainer "$TRAINER"

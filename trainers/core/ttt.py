@@ -328,16 +328,16 @@ class TestTimeTally:
         self.seen += len(labels)
 
     @staticmethod
-    def _percent(count, total):
+    def percent(count, total):
         return 100.0 * count / total if total else 0.0
 
     @property
     def zero_shot_accuracy(self):
-        return self._percent(self.correct_initial, self.seen)
+        return self.percent(self.correct_initial, self.seen)
 
     @property
     def accuracy(self):
-        return self._percent(self.correct_adapted, self.seen)
+        return self.percent(self.correct_adapted, self.seen)
 
     def progress(self):
         elapsed = time.monotonic() - self.started
