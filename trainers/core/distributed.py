@@ -126,9 +126,8 @@ def _collective_device():
 
 
 # ---- training data --------------------------------------------------------------------------------
-def per_process_batch(global_batch):
-    """The batch of one process: the configured (global) batch divided by the number of processes."""
-    count = world_size()
+def per_process_batch(global_batch, count):
+    """The batch of each of `count` processes: the configured (global) batch divided by their number."""
     if global_batch % count:
         raise UserFacingError(
             f"DATALOADER.TRAIN_X.BATCH_SIZE {global_batch} is the global batch, split evenly over the {count} "
@@ -205,7 +204,7 @@ def distributed_train_loader(loader, global_batch, seed):
             f"{type(loader.sampler).__name__} has no distributed counterpart here: train in one process."
         )
     sampler = GlobalBatchSampler(len(loader.dataset), global_batch, rank(), world_size(), seed)
-    return _reloaded(loader, sampler, per_process_batch(global_batch))
+    return _reloaded(loader, sampler, per_process_batch(global_batch, world_size()))
 
 
 def sharded_loader(loader):
