@@ -28,6 +28,8 @@ CASES = {
     "RAdaCoOp": ("vit_b16_ep50_ctxv1", ["OPTIM.WARMUP_EPOCH", "0", *SGD]),
     "RAdaFT": ("vit_b16_ep10", ["TRAINER.RADA.ALPHA", "0.1", "TRAINER.FT.HEAD_LR", "0.5", *SGD]),
     "FLYP": ("vit_b16_ep10", SGD),
+    # MaPLe's prompts reach CLIP through forward pre-hooks, outside any module DDP could wrap.
+    "RAdaMaPLe": ("vit_b16_c2_ep5_batch4_2ctx", ["TRAINER.MAPLE.PROMPT_DEPTH", "2", "OPTIM.WARMUP_EPOCH", "0", *SGD]),
 }
 
 
@@ -209,7 +211,7 @@ def assert_same_tensors(actual, expected):
 
 
 @requires_dassl
-@pytest.mark.parametrize("trainer", ["RAdaCoOp", "RAdaFT", "FLYP"])
+@pytest.mark.parametrize("trainer", list(CASES))
 def test_two_processes_take_the_step_of_one_on_the_global_batch(trainer, two_processes):
     single, ranks = two_processes
     expected = single[trainer]
@@ -225,7 +227,7 @@ def test_two_processes_take_the_step_of_one_on_the_global_batch(trainer, two_pro
 
 
 @requires_dassl
-@pytest.mark.parametrize("trainer", ["RAdaCoOp", "RAdaFT", "FLYP"])
+@pytest.mark.parametrize("trainer", list(CASES))
 def test_sharded_evaluation_counts_every_image_once(trainer, two_processes):
     single, ranks = two_processes
     expected = single[trainer]
