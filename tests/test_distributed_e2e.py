@@ -20,9 +20,10 @@ TINY_RUN = [*FAST_OPTIONS, "DATASET.NUM_SHOTS", "2", "DATALOADER.TRAIN_X.BATCH_S
 
 
 def script_env(data_root, output, **extra):
-    return dict(os.environ, DATA=data_root, OUTPUT=output, TRAINER="RAdaCoOp", SHOTS="2", GPUS="2",
-                RADA_VENV=os.path.dirname(os.path.dirname(sys.executable)), CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=REPO, **extra)
+    # This interpreter first on PATH: the scripts run in it as it is (scripts/setup_env.sh).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return dict(os.environ, DATA=data_root, OUTPUT=output, TRAINER="RAdaCoOp", SHOTS="2", GPUS="2", PATH=path,
+                CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO, **extra)
 
 
 def run_script(name, env, *options):
