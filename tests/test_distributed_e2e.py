@@ -40,10 +40,10 @@ def test_base_to_new_scripts_with_two_processes(synthetic_data_root, tiny_clip_p
     assert "+ python -m torch.distributed.run --nproc_per_node 2 --standalone" in trained
     train_dir = tmp_path / "base2new/train_base/synthetic_shapes/shots_2/RAdaCoOp/vit_b16_ep50_ctxv1/seed1"
     # One writer: one log, one tensorboard file, one checkpoint per module.
-    assert sorted(os.listdir(train_dir)) == ["log.txt", "prompt_learner", "rada_head", "tensorboard"]
+    assert [name for name in os.listdir(train_dir) if name.startswith("log.txt")] == ["log.txt"]
     assert len(os.listdir(train_dir / "tensorboard")) == 1
     for module in ("prompt_learner", "rada_head"):
-        assert sorted(os.listdir(train_dir / module)) == ["checkpoint", "model.pth.tar-1"]
+        assert [name for name in os.listdir(train_dir / module) if name.startswith("model")] == ["model.pth.tar-1"]
         state = torch.load(train_dir / module / "model.pth.tar-1", weights_only=True)["state_dict"]
         assert not any(key.startswith("module.") for key in state)
     log = (train_dir / "log.txt").read_text()
