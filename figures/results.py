@@ -4,9 +4,11 @@ A table row has a label, values {column: statistic} and, for base-to-new, the pu
 {method: (base, new, hm)} of the same dataset; a statistic is an object with .mean and .spread
 (mean and spread over seeds), a plain number (an HM, an average) or None (not measured).
 Base-to-new charts show base, new and HM per dataset and the average, ours (mean +- spread
-over seeds) beside the published methods; the other protocols show their accuracy column.
+over seeds) beside the published methods (only for the tables whose report is beside_published, the
+OpenAI ViT-B/16 runs); the other protocols show their accuracy column.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,29 +120,35 @@ def accuracy_chart(rows, title, path, ours="ours"):
     return [("acc", *entry) for entry in panel_drawn]
 
 
-def chart_path(path, key, several):
-    """FILE for a single table; FILE with the table's protocol, trainer, config and shots otherwise."""
+def chart_path(path, key, several, backbone=None):
+    """FILE for a single table; FILE with the table's protocol, trainer, config and shots otherwise,
+    and the backbone where given (the tables of backbones other than ViT-B/16)."""
     path = Path(path)
     if not several:
         return path
     protocol, trainer, cfg, shots = key
-    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{path.suffix or '.png'}")
+    backbone = "_" + re.sub(r"[^\w.-]+", "-", backbone).strip("-") if backbone else ""
+    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{backbone}{path.suffix or '.png'}")
 
 
 def plot_results(path, summaries, published, ci95=False):
     """One chart per table with a finished run. summaries: [((protocol, trainer, cfg, shots), report)]
-    with report.rows and report.finished, as parse_results computes them. Returns
+    with report.rows, report.finished, report.backbone and report.beside_published, as parse_results
+    computes them; the published numbers are drawn only beside_published. Returns
     {written path: [(column, method, row label, value, error)]}, what each chart shows."""
     tables = [(key, report) for key, report in summaries if report.finished]
     written = {}
     for key, report in tables:
         protocol, trainer, cfg, shots = key
-        target = chart_path(path, key, len(tables) > 1)
+        backbone = None if report.beside_published else report.backbone
+        target = chart_path(path, key, len(tables) > 1, backbone)
         target.parent.mkdir(parents=True, exist_ok=True)
         spread = "error bars: 95% CI over seeds" if ci95 else "error bars: std over seeds"
-        title = f"{protocol} | {trainer} | {cfg} | shots {shots}\n({spread})"
+        title = f"{protocol} | {trainer} | {cfg} | shots {shots}" + (f" | {backbone}" if backbone else "")
+        title += f"\n({spread})"
         if protocol == "base2new":
-            written[str(target)] = base2new_chart(report.rows, published, title, target, ours=trainer)
+            shown = published if report.beside_published else {}
+            written[str(target)] = base2new_chart(report.rows, shown, title, target, ours=trainer)
         else:
             written[str(target)] = accuracy_chart(report.rows, title, target, ours=trainer)
     return written

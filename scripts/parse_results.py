@@ -5,14 +5,18 @@
                                     [--ci95] [--csv PATH] [--plot FILE]
 
 OUTPUT_DIR is the output root of the scripts (default there: ./output) or one protocol folder in it.
-Runs are grouped by (protocol, trainer, config, shots). Per dataset the table shows the mean and the
+Runs are grouped by (protocol, trainer, config, shots, backbone). Per dataset the table shows the mean and the
 spread over seeds (population std, np.std, as in CoOp's parse_test_res.py, or the 95% confidence half-width
 1.96 * std / sqrt(n) with --ci95): base / new / HM for base-to-new (base from train_base, new from
 test_new, HM = 2BN / (B + N) of the seed means), accuracy for few-shot and cross-dataset runs, and
 for the full fine-tuning protocol (dg) the ImageNet accuracy, each of the five shifts and their mean.
 Test-time training runs (ttt) show the test-time trained accuracy per target, grouped by where they
 start: shots_0 from the identity head, shots_K from a model trained on K shots (scripts/rada/ttt.sh).
-Base-to-new tables also show the published numbers of scripts/baselines/base2new_vit_b16.csv.
+Base-to-new tables of OpenAI ViT-B/16 runs also show the published numbers of
+scripts/baselines/base2new_vit_b16.csv; runs of other backbones get tables of their own, without them.
+The backbone is the one the `* result:` line names, else (older logs) MODEL.BACKBONE.NAME of the run's
+run.json, else the one of its config file (configs/trainers/<trainer>/<cfg>.yaml), else ViT-B/16.
+Table headings name the backbone when the runs read are not all ViT-B/16.
 Missing seeds, unfinished runs and logs that contradict their folder are listed under each table.
 The exit status is 1 when no finished run was found.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import re
 import statistics
@@ -33,14 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from trainers.core.results import (  # noqa: E402  (the results contract: layout, logs, re-run hints)
     ALL_SHOTS,
+    OPENAI_DEFAULT_BACKBONE,
     PART,
     PROTOCOLS,
     LogResult,
     ResultsError,
+    backbone_identity,
     parse_log,  # noqa: F401  (part of this script's interface: one log read the same way)
     part_rerun_command,
     parts_of,
     read_run,
+    read_run_record,
     shots_text,
 )
 
@@ -53,6 +61,7 @@ except ImportError:
     )
 
 BASELINES_CSV = Path(__file__).resolve().parent / "baselines" / "base2new_vit_b16.csv"
+TRAINER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "trainers"
 BASELINES_HEADER = ["dataset", "method", "base", "new", "hm", "source"]
 
 # The 11 datasets of the base-to-new and few-shot benchmarks, in the papers' order.
@@ -87,10 +96,16 @@ class Run:
     seed: int
     path: Path
     log: LogResult | None  # None: the folder has no log.txt
+    backbone: str = OPENAI_DEFAULT_BACKBONE
 
     @property
     def protocol(self):
         return PART[self.part].protocol
+
+    @property
+    def table(self):
+        """The runs of one table: a group on one backbone."""
+        return self.group, self.backbone
 
     @property
     def group(self):
@@ -120,8 +135,33 @@ def discover_runs(root, protocols):
                     odd_folders.append(seed_dir)
                     continue
                 shots = ALL_SHOTS if shots.group(1) == "all" else int(shots.group(1))
-                runs.append(Run(part.name, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, read_run(seed_dir)))
+                log = read_run(seed_dir)
+                runs.append(Run(part.name, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, log,
+                                run_backbone(seed_dir, log, trainer, cfg)))
     return runs, odd_folders
+
+
+def run_backbone(run_dir, log, trainer, cfg):
+    """The backbone a run used: its result line's, else its run.json's, else its config file's."""
+    if log is not None and "backbone" in log.fields:
+        return log.fields["backbone"]
+    config = read_run_record(run_dir).get("config", {})
+    if config.get("MODEL.BACKBONE.NAME"):
+        return backbone_identity(config["MODEL.BACKBONE.NAME"], config.get("MODEL.BACKBONE.WEIGHTS", ""))
+    return config_file_backbone(trainer, cfg)
+
+
+@functools.cache
+def config_file_backbone(trainer, cfg):
+    """MODEL.BACKBONE.NAME of configs/trainers/<trainer>/<cfg>.yaml; ViT-B/16 where that file names none."""
+    import yaml  # a dependency of yacs, only needed for logs older than the backbone field
+
+    path = TRAINER_CONFIGS / trainer / f"{cfg}.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return config["MODEL"]["BACKBONE"]["NAME"] or OPENAI_DEFAULT_BACKBONE
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return OPENAI_DEFAULT_BACKBONE
 
 
 @dataclass
@@ -294,8 +334,9 @@ def render_table(protocol, rows, ci95):
 
 @dataclass
 class GroupReport:
-    """One (protocol, trainer, cfg, shots) group: its table rows and what is wrong or absent."""
+    """One (protocol, trainer, cfg, shots) group on one backbone: its table rows and what is wrong or absent."""
 
+    backbone: str = OPENAI_DEFAULT_BACKBONE
     rows: list = field(default_factory=list)
     finished: int = 0
     missing: list = field(default_factory=list)  # expected seeds without a folder, with the command to run
@@ -305,11 +346,18 @@ class GroupReport:
     ignored_seeds: list = field(default_factory=list)
     not_run: list = field(default_factory=list)  # benchmark datasets with no folder at all
 
+    @property
+    def beside_published(self):
+        """Whether the published numbers (all of OpenAI ViT-B/16) belong beside this table."""
+        return self.backbone == OPENAI_DEFAULT_BACKBONE
 
-def summarise_group(key, runs, root, seeds, published, ci95):
+
+def summarise_group(key, runs, root, seeds, published, ci95, backbone=OPENAI_DEFAULT_BACKBONE):
     protocol, trainer, cfg, shots = key
     accuracies = defaultdict(dict)
-    report = GroupReport()
+    report = GroupReport(backbone)
+    if not report.beside_published:
+        published = {}
     present = defaultdict(set)
     for run in runs:
         if run.seed not in seeds:
@@ -348,12 +396,13 @@ def summarise_group(key, runs, root, seeds, published, ci95):
     return report
 
 
-def print_group(key, report, seeds, ci95):
+def print_group(key, report, seeds, ci95, name_backbone=False):
     protocol, trainer, cfg, shots = key
     amount = "all training images" if shots == ALL_SHOTS else f"{shots} shots"
     if protocol == "ttt":
         amount = f"from a model trained on {amount}" if shots else "from the identity head"
-    print(f"== {protocol} | trainer {trainer} | config {cfg} | {amount} | seeds {' '.join(map(str, seeds))} ==")
+    backbone = f" | backbone {report.backbone}" if name_backbone else ""
+    print(f"== {protocol} | trainer {trainer} | config {cfg} | {amount}{backbone} | seeds {' '.join(map(str, seeds))} ==")
     if report.finished:
         print(render_table(protocol, report.rows, ci95))
     else:
@@ -395,7 +444,7 @@ def print_published_fft():
 
 def write_csv(path, summaries, ci95):
     spread = "ci95" if ci95 else "std"
-    columns = ["protocol", "trainer", "cfg", "shots", "dataset",
+    columns = ["protocol", "trainer", "cfg", "shots", "backbone", "dataset",
                "base_mean", f"base_{spread}", "base_seeds", "new_mean", f"new_{spread}", "new_seeds", "hm",
                "acc_mean", f"acc_{spread}", "acc_seeds"]
     try:
@@ -405,7 +454,7 @@ def write_csv(path, summaries, ci95):
             for (protocol, trainer, cfg, shots), report in summaries:
                 for row in report.rows:
                     record = {"protocol": protocol, "trainer": trainer, "cfg": cfg, "shots": shots_text(shots),
-                              "dataset": row.label}
+                              "backbone": report.backbone, "dataset": row.label}
                     for column, value in row.values.items():
                         if isinstance(value, Stat):
                             record.update({f"{column}_mean": round(value.mean, 4),
@@ -458,20 +507,27 @@ def report(args):
     runs, odd_folders = discover_runs(root, protocols)
     published = load_published()
 
-    runs_by_group = defaultdict(list)
+    runs_by_table = defaultdict(list)
     for run in runs:
-        runs_by_group[run.group].append(run)
+        runs_by_table[run.table].append(run)
     order = list(PROTOCOLS)
-    summaries = [(key, summarise_group(key, runs_by_group[key], root, seeds, published, args.ci95))
-                 for key in sorted(runs_by_group, key=lambda k: (order.index(k[0]), k[1:]))]
 
+    def table_order(table):  # a group's ViT-B/16 table first, beside the published numbers
+        (protocol, *rest), backbone = table
+        return order.index(protocol), rest, backbone != OPENAI_DEFAULT_BACKBONE, backbone
+
+    summaries = [(key, summarise_group(key, runs_by_table[(key, backbone)], root, seeds, published, args.ci95,
+                                       backbone))
+                 for key, backbone in sorted(runs_by_table, key=table_order)]
+
+    name_backbones = any(report.backbone != OPENAI_DEFAULT_BACKBONE for _, report in summaries)
     for key, report in summaries:
-        print_group(key, report, seeds, args.ci95)
+        print_group(key, report, seeds, args.ci95, name_backbones)
     if odd_folders:
         print(f"Folders not named shots_<K>/.../seed<S> (not read): {' '.join(map(str, odd_folders))}")
-    if any(key[0] == "base2new" and report.finished for key, report in summaries):
+    if any(key[0] == "base2new" and report.finished and report.beside_published for key, report in summaries):
         print_published_averages(published)
-    if any(key[0] == "dg" and report.finished for key, report in summaries):
+    if any(key[0] == "dg" and report.finished and report.beside_published for key, report in summaries):
         print_published_fft()
 
     if not any(report.finished for _, report in summaries):

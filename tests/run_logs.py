@@ -35,8 +35,9 @@ def training_lines(epochs=5, batches=4, stop_epoch=None, stop_batch=None, val_ac
 
 
 def rada_log(accuracy, *, subsample="base", seed=1, trainer=TRAINER, shots=16, split="test",
-             dataset="Caltech101", train=True, epochs=5):
-    """A finished run of this project's train.py (training unless train=False, i.e. --eval-only)."""
+             dataset="Caltech101", train=True, epochs=5, backbone=None):
+    """A finished run of this project's train.py (training unless train=False, i.e. --eval-only);
+    without `backbone`, the result line of versions that did not name it."""
     lines = ["Setting fixed seed: 1", "** Config **", "OPTIM:", f"  MAX_EPOCH: {epochs}"]
     if train:
         lines += training_lines(epochs) + ["Finish training", "Deploy the last-epoch model"]
@@ -44,7 +45,7 @@ def rada_log(accuracy, *, subsample="base", seed=1, trainer=TRAINER, shots=16, s
         f"Evaluate on the *{split}* set",
         *dassl_block(accuracy),
         f"* result: dataset={dataset} subsample={subsample} split={split} shots={shots} seed={seed} "
-        f"trainer={trainer} accuracy={accuracy:.2f}%",
+        f"trainer={trainer} accuracy={accuracy:.2f}%" + (f" backbone={backbone}" if backbone else ""),
     ]
     if train:
         lines.append("Elapsed: 0:01:02")

@@ -47,7 +47,7 @@ from .core.precision import Precision
 from .core.rada_head import rada_loss
 from .core.random_state import capture as capture_random_state
 from .core.random_state import restore as restore_random_state
-from .core.results import config_differences, flatten_config, result_line
+from .core.results import backbone_identity, config_differences, flatten_config, result_line
 from .core.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,8 @@ class CLIPTrainer(TrainerX):
         accuracy = self.evaluate(evaluated)
         # Program output like Dassl's result block (printed, so it reaches log.txt in any host).
         print(result_line(dataset=cfg.DATASET.NAME, subsample=cfg.DATASET.SUBSAMPLE_CLASSES, split=evaluated,
-                          shots=cfg.DATASET.NUM_SHOTS, seed=cfg.SEED, trainer=cfg.TRAINER.NAME, accuracy=accuracy))
+                          shots=cfg.DATASET.NUM_SHOTS, seed=cfg.SEED, trainer=cfg.TRAINER.NAME, accuracy=accuracy,
+                          backbone=backbone_identity(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS)))
         return accuracy
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -89,12 +89,30 @@ def part_rerun_command(run_root, part, dataset, seed, trainer, cfg, shots):
 
 RESULT_PREFIX = "* result:"
 RESULT_FIELD = re.compile(r"(\w+)=(\S+)")
+# The backbone comes last and runs to the end of the line: a local file's path may hold spaces.
+BACKBONE_FIELD = " backbone="
+# The backbone of the published numbers, and of every shipped config that names no other.
+OPENAI_DEFAULT_BACKBONE = "ViT-B/16"
 
 
-def result_line(*, dataset, subsample, split, shots, seed, trainer, accuracy):
+def backbone_identity(name, weights=""):
+    """The backbone of a run as results name it: MODEL.BACKBONE.NAME, with .WEIGHTS where set."""
+    return f"{name} (weights {weights})" if weights else name
+
+
+def result_line(*, dataset, subsample, split, shots, seed, trainer, accuracy, backbone):
     """The line train.py prints after each evaluation (accuracy in percent, two decimals)."""
     return (f"{RESULT_PREFIX} dataset={dataset} subsample={subsample} split={split} shots={shots} seed={seed} "
-            f"trainer={trainer} accuracy={accuracy:.2f}%")
+            f"trainer={trainer} accuracy={accuracy:.2f}%{BACKBONE_FIELD}{backbone}")
+
+
+def result_fields(line):
+    """{field: value} of a `* result:` line; logs written before the backbone field have no "backbone"."""
+    text, _, backbone = line[len(RESULT_PREFIX):].partition(BACKBONE_FIELD)
+    fields = dict(RESULT_FIELD.findall(text))
+    if backbone:
+        fields["backbone"] = backbone
+    return fields
 
 
 # ---- reading logs ---------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def parse_log(path):
             elif match := EVALUATED_SPLIT.match(line):
                 evaluated_split = match.group(1)
             elif line.startswith(RESULT_PREFIX):
-                fields = dict(RESULT_FIELD.findall(line[len(RESULT_PREFIX):]))
+                fields = result_fields(line)
                 if fields.get("split", "test") == "test" and _accuracy_of(fields) is not None:
                     ours = fields
             elif match := DASSL_ACCURACY.match(line):
