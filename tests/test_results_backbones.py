@@ -5,9 +5,13 @@ import csv
 import json
 import re
 
+import pytest
+
 import figures.results
+from tests.conftest import requires_dassl
 from tests.run_logs import CFG, TRAINER, load_parse_results, rada_log, write_run
-from trainers.core.results import parse_log, result_line
+from tests.train_harness import TrainRun
+from trainers.core.results import parse_log, read_run, result_line
 
 parse_results = load_parse_results()
 OPEN_CLIP = "open_clip:ViT-B-16/laion2b_s34b_b88k"
@@ -121,3 +125,13 @@ def test_charts_draw_published_bars_only_for_vit_b16(tmp_path, monkeypatch, caps
     assert {method for _, method, *_ in vit} > {TRAINER, "CLIP"}
     assert {method for _, method, *_ in other} == {TRAINER}
     assert [value for column, _, label, value, _ in other if column == "base" and label == "DTD"] == [51.5]
+
+
+@requires_dassl
+@pytest.mark.e2e
+def test_train_py_result_line_names_the_backbone(synthetic_data_root, tiny_clip_path, tmp_path):
+    run = TrainRun("ZeroshotCLIP", "vit_b16", synthetic_data_root, tiny_clip_path, tmp_path)
+    result = run.run(run.command(run.test_dir, "--eval-only"), run.test_dir)
+    assert result.returncode == 0, result.output[-3000:]
+    state = read_run(run.test_dir)
+    assert state.accuracy == result.accuracy and state.fields["backbone"] == str(tiny_clip_path)
