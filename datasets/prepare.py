@@ -316,7 +316,7 @@ def fetch_missing(spec, root):
 def split_inventory(spec, root):
     """[(split, images listed, images found, first missing path or None)]."""
     if spec.kind in (SPLIT_FILE, FGVC_LISTS):
-        splits = zip(readers.SPLIT_NAMES, loading.read_full_splits(spec, root))
+        splits = zip(readers.SPLIT_NAMES, loading.read_full_splits(spec, root), strict=False)
     elif spec.kind == IMAGENET:
         splits = loading.list_imagenet(spec, root).items()
     else:

@@ -70,7 +70,7 @@ def _split_file_spec(name, stem, folder, image_dir, sizes, num_classes, image_no
             *extras,
             Entry(f"split_zhou_{name}.json", "CoOp's fixed train/val/test split"),
         ),
-        expected_sizes=tuple(zip(("train", "val", "test"), sizes)),
+        expected_sizes=tuple(zip(("train", "val", "test"), sizes, strict=False)),
         num_classes=num_classes,
     )
 

@@ -30,7 +30,7 @@ def dense_reference(head, image_features, text_features, scale):
     key = split(project(head.k_proj, key_value))
     value = split(project(head.v_proj, key_value))
     attention = 0
-    for layer, query in zip((head.q_proj1, head.q_proj2, head.q_proj3), queries):
+    for layer, query in zip((head.q_proj1, head.q_proj2, head.q_proj3), queries, strict=False):
         scores = split(project(layer, query)) @ key.transpose(-1, -2) / math.sqrt(head_dim)
         flat = torch.softmax(scores.reshape(batch, heads, -1) / head.temperature, dim=-1)
         attention = attention + flat.reshape(batch, heads, num_classes, num_classes) * num_classes

@@ -228,7 +228,7 @@ def fgvc_aircraft_tree(root):
         with open(os.path.join(dataset_dir, f"images_variant_{split}.txt"), "w") as file:
             file.write("".join(f"{image_id} {name}\n" for image_id, _, name in lines))
         paths = write_placeholders(os.path.join(dataset_dir, "images"), [f"{image_id}.jpg" for image_id, _, _ in lines])
-        expected[split] = [(path, label, name) for path, (_, label, name) in zip(paths, lines)]
+        expected[split] = [(path, label, name) for path, (_, label, name) in zip(paths, lines, strict=False)]
     return expected
 
 

@@ -48,7 +48,7 @@ def objectnet_tree(root, images_per_class=1):
     free_ids = [i for i in range(NUM_IMAGENET) if i not in fixed]
     free_labels = [label for label in range(NUM_IMAGENET) if label not in fixed.values()]
     rng.shuffle(free_labels)
-    label_of_id = {**fixed, **dict(zip(free_ids, free_labels))}
+    label_of_id = {**fixed, **dict(zip(free_ids, free_labels, strict=False))}
     name_of_id = {id_2012: f"imagenet class {label_of_id[id_2012]}" for id_2012 in range(NUM_IMAGENET)}
     name_of_id.update({id_2012: name for name, (id_2012, _) in REAL_IMAGENET.items()})
     with open(os.path.join(mappings, "imagenet_to_label_2012_v2"), "w") as file:

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from tests.conftest import requires_dassl
 from tests.image_trees import imagenet_a_tree, imagenet_tree
 from tests.train_harness import TrainRun
+from trainers.core.backbones.openai_clip import ClipTextEncoder as TextEncoder
 from trainers.core.clip_loader import load_clip
 from trainers.core.finetune import (
     CheckpointedBlocks,
@@ -36,7 +37,6 @@ from trainers.core.prompts import (
     fill_template,
     resolve_templates,
 )
-from trainers.core.backbones.openai_clip import ClipTextEncoder as TextEncoder
 from trainers.core.rada_head import RAdaHead, mask_penalty, rada_loss
 from trainers.core.tiny_clip import TINY_EMBED_DIM
 

@@ -210,7 +210,7 @@ def test_weights_trained_on_some_classes_apply_to_others(clip_model, images):
     state["prompt_learner.token_prefix"] = torch.zeros(2, 1, TEXT_WIDTH)
     state["image_encoder.conv1.weight"] = torch.zeros(1)
     load_weights(new, state, "maple.pth")
-    for (name, loaded), trained in zip(new.state_dict().items(), base.state_dict().values()):
+    for (name, loaded), trained in zip(new.state_dict().items(), base.state_dict().values(), strict=False):
         assert torch.equal(loaded, trained), name
     with torch.no_grad():
         assert MaPLeClassifier(clip_model, new)(images).logits.shape == (2, 1)

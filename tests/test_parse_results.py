@@ -226,10 +226,10 @@ def test_seeds_option_and_ci95(tmp_path):
 
 
 def test_fewshot_and_cross_dataset_tables(tmp_path):
-    for seed, accuracy in zip((1, 2, 3), (93.0, 94.0, 95.0)):
+    for seed, accuracy in zip((1, 2, 3), (93.0, 94.0, 95.0), strict=False):
         write_run(tmp_path, "fewshot", "caltech101", seed, rada_log(accuracy, subsample="all", seed=seed))
         write_run(tmp_path, "xd/train", "imagenet", seed, rada_log(accuracy - 20, subsample="all", seed=seed))
-        for target, delta in zip(parse_results.DG_TARGETS, (-10, -25, -40, -15)):
+        for target, delta in zip(parse_results.DG_TARGETS, (-10, -25, -40, -15), strict=False):
             write_run(tmp_path, "xd/test", target, seed,
                       rada_log(accuracy - 20 + delta, subsample="all", seed=seed, train=False))
     write_run(tmp_path, "xd/test", "dtd", 1, rada_log(45.0, subsample="all", train=False))

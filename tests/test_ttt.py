@@ -174,14 +174,14 @@ def test_reset_restores_parameters_and_optimizer_state_bit_for_bit(clip_model, c
     features = adapter.encode(views_of(0))
     adapter.adapt(features)
     during = parameters_and_state(optimizers)
-    assert not all(torch.equal(a, b) for a, b in zip(before, during))  # adapting changed something
+    assert not all(torch.equal(a, b) for a, b in zip(before, during, strict=False))  # adapting changed something
     adapter.reset()
     after = parameters_and_state(optimizers)
-    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after, strict=False))
 
     for seed in (1, 2):  # adapt_and_predict resets by itself, every time
         adapter.adapt_and_predict(views_of(seed))
-        assert all(torch.equal(a, b) for a, b in zip(before, parameters_and_state(optimizers)))
+        assert all(torch.equal(a, b) for a, b in zip(before, parameters_and_state(optimizers), strict=False))
 
 
 @pytest.mark.parametrize("context", [False, True], ids=["head", "head+context"])

@@ -15,9 +15,8 @@ import logging
 
 import torch
 
-from .backbones import as_backbone
-
 from ..config import PRECISIONS
+from .backbones import as_backbone
 
 logger = logging.getLogger(__name__)
 

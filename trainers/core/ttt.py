@@ -201,9 +201,9 @@ class OptimizationSnapshot:
 
     def restore(self):
         with torch.no_grad():
-            for parameter, value in zip(self.parameters, self.values):
+            for parameter, value in zip(self.parameters, self.values, strict=False):
                 parameter.copy_(value)  # in place: bumps _version, so cached text features are recomputed
-        for optimizer, state in zip(self.optimizers, self.states):
+        for optimizer, state in zip(self.optimizers, self.states, strict=False):
             # load_state_dict may adopt the given tensors as its state and update them in place later:
             # hand it a copy so that the snapshot stays intact.
             optimizer.load_state_dict(copy.deepcopy(state))
