@@ -93,27 +93,22 @@ class Unpack:
 
 
 @dataclass(frozen=True)
-class Move:
+class Place:
+    """Put a file or folder at `to`: moved there, or copied when `copy` (the source stays)."""
+
     source: str  # relative to the root
     to: str
+    copy: bool = False
 
     def run(self, root):
-        os.replace(os.path.join(root, self.source), os.path.join(root, self.to))
+        source, target = os.path.join(root, self.source), os.path.join(root, self.to)
+        if self.copy:
+            shutil.copyfile(source, target)
+        else:
+            os.replace(source, target)
 
     def by_hand(self):
-        return f"move {self.source} to {self.to}"
-
-
-@dataclass(frozen=True)
-class Copy:
-    source: str  # relative to the root
-    to: str
-
-    def run(self, root):
-        shutil.copyfile(os.path.join(root, self.source), os.path.join(root, self.to))
-
-    def by_hand(self):
-        return f"copy {self.source} to {self.to}"
+        return f"{'copy' if self.copy else 'move'} {self.source} to {self.to}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,7 @@ def _classnames_tasks(folder):
     """Variants use ImageNet's classnames.txt: copy it, or download it when ImageNet is absent."""
     target = f"{folder}/classnames.txt"
     return (
-        Task(target, (Copy("imagenet/classnames.txt", target),)),
+        Task(target, (Place("imagenet/classnames.txt", target, copy=True),)),
         Task(target, (Download(f"gdrive:{_IMAGENET_CLASSNAMES_ID}", target),)),
     )
 
@@ -225,7 +220,7 @@ TASKS = {
     "FGVCAircraft": (
         _archive_task(
             "fgvc_aircraft", f"{_OXFORD_VGG}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-            "fgvc-aircraft-2013b.tar.gz", "", Move("fgvc-aircraft-2013b/data", "fgvc_aircraft"),
+            "fgvc-aircraft-2013b.tar.gz", "", Place("fgvc-aircraft-2013b/data", "fgvc_aircraft"),
         ),
     ),
     "SUN397": (

@@ -93,3 +93,11 @@ def tiny_hf_path(tmp_path_factory):
         return folders[family]
 
     return folder
+
+
+def train_only(model, *trained):
+    """Freeze `model` except the given submodules, as the trainers do before building optimisers."""
+    model.requires_grad_(False)
+    for module in trained:
+        module.requires_grad_(True)
+    return model

@@ -85,3 +85,18 @@ def load_parse_results():
     sys.modules["parse_results"] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def record_drawn_charts(monkeypatch):
+    """Let parse_results draw its charts as usual and collect {chart path: bars drawn} in the returned dict."""
+    import figures.results
+
+    drawn = {}
+    plot = figures.results.plot_results
+
+    def keep(*args, **kwargs):
+        drawn.update(plot(*args, **kwargs))
+        return drawn
+
+    monkeypatch.setattr(figures.results, "plot_results", keep)
+    return drawn

@@ -6,7 +6,7 @@ from clip import clip as clip_api
 from clip.model import CLIP, convert_weights
 from torch.nn import functional as F
 
-from tests.conftest import requires_cpu_half, requires_dassl
+from tests.conftest import requires_cpu_half, requires_dassl, train_only
 from trainers.core.checkpoint import load_weights
 from trainers.core.clip_loader import load_clip
 from trainers.core.errors import UserFacingError
@@ -162,9 +162,7 @@ def test_gradients_reach_only_prompts_couplings_and_head(clip_model, images):
     learner = MaPLePromptLearner(clip_model, CLASSES, n_ctx=N_CTX, depth=LAYERS)
     head = RAdaHead(EMBED_DIM, num_heads=8)
     model = MaPLeClassifier(clip_model, learner, head=head)
-    model.requires_grad_(False)
-    learner.requires_grad_(True)
-    head.requires_grad_(True)
+    train_only(model, learner, head)
     logits, _ = model(images)
     F.cross_entropy(logits, torch.tensor([0, 2])).backward()
     for name, param in learner.named_parameters():

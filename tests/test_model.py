@@ -3,6 +3,7 @@ import torch
 from clip import clip as clip_api
 from torch.nn import functional as F
 
+from tests.conftest import train_only
 from trainers.core.model import CLIPClassifier
 from trainers.core.prompts import CoOpPromptLearner, FixedPrompts, fill_template
 from trainers.core.rada_head import RAdaHead
@@ -107,9 +108,7 @@ def test_gradients_reach_only_prompts_and_head(clip_model, images):
     learner = CoOpPromptLearner(clip_model, CLASSES, n_ctx=4)
     head = RAdaHead(TINY_EMBED_DIM, num_heads=8)
     model = CLIPClassifier(clip_model, learner, head=head)
-    model.requires_grad_(False)
-    learner.requires_grad_(True)
-    head.requires_grad_(True)
+    train_only(model, learner, head)
     logits, mask = model(images)
     F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0

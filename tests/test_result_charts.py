@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import figures.results
-from tests.run_logs import load_parse_results, rada_log, write_run
+from tests.run_logs import load_parse_results, rada_log, record_drawn_charts, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 parse_results = load_parse_results()
@@ -51,14 +50,7 @@ def mean_and_spread(cell):
 def charted(tmp_path, monkeypatch, capsys):
     """Runs parse_results --plot in process; returns (stdout tables, {chart path: bars drawn})."""
     write_benchmark(tmp_path)
-    drawn = {}
-    plot = figures.results.plot_results
-
-    def keep(*args, **kwargs):
-        drawn.update(plot(*args, **kwargs))
-        return drawn
-
-    monkeypatch.setattr(figures.results, "plot_results", keep)
+    drawn = record_drawn_charts(monkeypatch)
     assert parse_results.main([str(tmp_path), "--plot", str(tmp_path / "charts" / "results.png")]) == 0
     return table_rows(capsys.readouterr().out), drawn, tmp_path
 

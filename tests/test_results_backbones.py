@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-import figures.results
 from tests.conftest import requires_dassl
-from tests.run_logs import CFG, TRAINER, load_parse_results, rada_log, write_run
+from tests.run_logs import CFG, TRAINER, load_parse_results, rada_log, record_drawn_charts, write_run
 from tests.train_harness import TrainRun
 from trainers.core.results import parse_log, read_run, result_line
 
@@ -110,14 +109,7 @@ def test_logs_without_the_field_take_the_backbone_of_run_json_then_of_the_config
 def test_charts_draw_published_bars_only_for_vit_b16(tmp_path, monkeypatch, capsys):
     write_pair(tmp_path, "dtd", 70.0, 60.0, backbone="ViT-B/16")
     write_pair(tmp_path, "dtd", 50.0, 40.0, backbone=OPEN_CLIP, cfg=OTHER_CFG)
-    drawn = {}
-    plot = figures.results.plot_results
-
-    def keep(*args, **kwargs):
-        drawn.update(plot(*args, **kwargs))
-        return drawn
-
-    monkeypatch.setattr(figures.results, "plot_results", keep)
+    drawn = record_drawn_charts(monkeypatch)
     target = tmp_path / "charts" / "r.png"
     assert parse_results.main([str(tmp_path), "--seeds", "1", "2", "--plot", str(target)]) == 0
     vit = drawn[str(tmp_path / "charts" / f"r_base2new_{TRAINER}_{CFG}_shots16.png")]
