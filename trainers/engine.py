@@ -155,7 +155,7 @@ class CLIPTrainer(TrainerX):
     # ---- model --------------------------------------------------------------------------------
     def load_backbone(self):
         backbone = self.cfg.MODEL.BACKBONE
-        logger.info(f"Loading CLIP (backbone: {backbone.NAME})")
+        logger.info("Loading CLIP (backbone: %s)", backbone.NAME)
         return load_backbone(backbone.NAME, weights=backbone.WEIGHTS, cache_dir=backbone.CACHE_DIR or None)
 
     def _check_backbone_supports_trainer(self, backbone):
@@ -176,7 +176,7 @@ class CLIPTrainer(TrainerX):
         self._check_input_size(backbone)
         self.precision.cast_clip(backbone)
         self.backbone = backbone.signature()
-        logger.info(f"CLIP: {backbone.describe()}; precision {self.precision.mode}")
+        logger.info("CLIP: %s; precision %s", backbone.describe(), self.precision.mode)
 
         self.model = self.build_classifier(backbone, self.dm.dataset.classnames)
         self.model.requires_grad_(False)
@@ -187,7 +187,7 @@ class CLIPTrainer(TrainerX):
         for name, module in trainable.items():
             self.register_model(name, module, *self.build_optimization(name, module))
             count = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            logger.info(f"Learnable parameters in {name}: {count:,}")
+            logger.info("Learnable parameters in %s: %s", name, f"{count:,}")
         self.scaler = self.precision.grad_scaler()
         self.data_parallel = None  # distributed: set by wrap_data_parallel before training
 
@@ -361,12 +361,12 @@ class CLIPTrainer(TrainerX):
                 "the two (e.g. continue the old schedule). Give this run another --output-dir (the scripts: a new "
                 "OUTPUT or CFG name), or delete that folder to train again (the scripts: FORCE=1)."
             )
-        logger.info(f"Found checkpoint at {directory} (will resume training)")
+        logger.info("Found checkpoint at %s (will resume training)", directory)
         for name in names:
             self._resume_module(name, paths[name])
         restore_random_state(marker["random_state"], self._random_loaders())
         self.best_result = marker.get("best_result", self.best_result)
-        logger.info(f"Resumed the checkpoint set of epoch {marker['epoch']} (next epoch: {marker['epoch'] + 1})")
+        logger.info("Resumed the checkpoint set of epoch %d (next epoch: %d)", marker["epoch"], marker["epoch"] + 1)
         return marker["epoch"]
 
     def _resume_without_set(self, directory, names):
@@ -374,7 +374,7 @@ class CLIPTrainer(TrainerX):
         if not names or not all(osp.isfile(osp.join(directory, n, CHECKPOINT_POINTER)) for n in names):
             logger.info("No checkpoint found, train from scratch")
             return 0
-        logger.info(f"Found checkpoint at {directory} (will resume training)")
+        logger.info("Found checkpoint at %s (will resume training)", directory)
         logger.warning("%s has no checkpoint set markers (an older run): the random generators are not restored, "
                        "so the resumed run is not bit-identical to an uninterrupted one.", directory)
         epochs = {name: self._resume_module(name, latest_checkpoint(osp.join(directory, name))) for name in names}
@@ -394,7 +394,7 @@ class CLIPTrainer(TrainerX):
             self._scheds[name].load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint["scaler"])
-        logger.info(f"Resumed {name} from {path} (next epoch: {checkpoint['epoch'] + 1})")
+        logger.info("Resumed %s from %s (next epoch: %d)", name, path, checkpoint["epoch"] + 1)
         return checkpoint["epoch"]
 
     def load_model(self, directory, epoch=None):
@@ -422,11 +422,11 @@ class CLIPTrainer(TrainerX):
             trainers.add(checkpoint.get("trainer"))
             val = checkpoint.get("val_result")
             val_text = f", val_result={val:.1f}" if isinstance(val, (int, float)) else ""
-            logger.info(f"Load {path} to {name} (epoch={checkpoint.get('epoch')}{val_text})")
+            logger.info("Load %s to %s (epoch=%s%s)", path, name, checkpoint.get("epoch"), val_text)
         others = sorted(t for t in trainers if t and t != self.cfg.TRAINER.NAME)
         if others:
-            logger.info(f"{directory} was trained by {', '.join(others)}; its {', '.join(names)} "
-                        f"load unchanged into {self.cfg.TRAINER.NAME}")
+            logger.info("%s was trained by %s; its %s load unchanged into %s", directory, ", ".join(others),
+                        ", ".join(names), self.cfg.TRAINER.NAME)
 
     def _refuse_partial_run(self, directory, names):
         unused = sorted(entry for entry in os.listdir(directory) if entry not in names
@@ -446,8 +446,8 @@ class CLIPTrainer(TrainerX):
             part, sources = module_part(whole, name, path)
             load_weights(self._models[name], part, path)
             prefixes += [source.rstrip("*") for source in sources]
-            logger.info(f"Load {path} ({', '.join(sources)} of the RAda authors' whole model) to {name} "
-                        f"(epoch={checkpoint.get('epoch')})")
+            logger.info("Load %s (%s of the RAda authors' whole model) to %s (epoch=%s)", path, ", ".join(sources), name,
+                        checkpoint.get("epoch"))
         differing = frozen_differences(self.model.state_dict(), whole, prefixes)
         if differing:
             logger.warning("%s: %d frozen CLIP tensors differ from the loaded backbone's (e.g. %s): predictions will "

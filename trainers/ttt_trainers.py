@@ -90,8 +90,8 @@ class TestTimeTrainer(CLIPTrainer):
             )
 
     def train(self):
-        logger.info(f"{self.cfg.TRAINER.NAME} trains nothing beforehand: running test-time training on the test set. "
-                    "To start from a trained model, use --eval-only --model-dir DIR.")
+        logger.info("%s trains nothing beforehand: running test-time training on the test set. "
+                    "To start from a trained model, use --eval-only --model-dir DIR.", self.cfg.TRAINER.NAME)
         self.test()
 
     @torch.no_grad()
@@ -107,9 +107,9 @@ class TestTimeTrainer(CLIPTrainer):
         tally = TestTimeTally(len(loader.sampler))  # distributed: this process's shard
         views = f"{ttt.N_VIEWS} random resized crops{' with AugMix' if ttt.AUGMIX else ''}"
         logger.info(
-            f"Test-time training of {', '.join(self.adapted_names)} on {len(loader.dataset)} images: per image the "
-            f"original and {views}, the most confident {ttt.CONFIDENT_FRACTION:.0%} kept, {ttt.STEPS} step(s) "
-            f"of {cfg.OPTIM.NAME} at lr {cfg.OPTIM.LR:g}"
+            "Test-time training of %s on %s images: per image the original and %s, the most confident %s kept, "
+            "%s step(s) of %s at lr %s", ", ".join(self.adapted_names), len(loader.dataset), views,
+            f"{ttt.CONFIDENT_FRACTION:.0%}", ttt.STEPS, cfg.OPTIM.NAME, f"{cfg.OPTIM.LR:g}",
         )
         self.set_model_mode("eval")
         self.evaluator.reset()
