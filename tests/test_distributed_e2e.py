@@ -82,12 +82,13 @@ def process_rank(pid):
 
 
 def torchrun(output_dir, data_root, clip_path):
-    """The command of a 2-process, 3-epoch RAdaCoOp run without random augmentation (so that an
-    interrupted and resumed run can be compared with an uninterrupted one)."""
+    """The command of a 2-process, 3-epoch RAdaCoOp run with the config's random augmentation, which
+    each process draws from its own generators: a resumed run matches an uninterrupted one only if
+    every process gets its own generators back."""
     run = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", data_root, clip_path, output_dir)
     command = run.command(str(output_dir), options=(
         "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.NUM_SHOTS", "16", "OPTIM.MAX_EPOCH", "3",
-        "TRAIN.CHECKPOINT_FREQ", "1", "INPUT.TRANSFORMS", "('normalize',)", "TRAIN.PRINT_FREQ", "5",
+        "TRAIN.CHECKPOINT_FREQ", "1", "TRAIN.PRINT_FREQ", "5",
     ))
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
 

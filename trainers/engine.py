@@ -202,12 +202,12 @@ class CLIPTrainer(TrainerX):
 
     # ---- training -----------------------------------------------------------------------------
     def before_train(self):
+        distributed.seed_per_process(self.cfg.SEED)  # before Dassl's resume restores each process's state
         super().before_train()
         self.wrap_data_parallel()
 
     def wrap_data_parallel(self):
         """distributed: all-reduce the gradients of the registered modules from now on."""
-        distributed.seed_per_process(self.cfg.SEED)
         self.data_parallel = distributed.data_parallel(self._models)
 
     def before_epoch(self):
@@ -331,8 +331,13 @@ class CLIPTrainer(TrainerX):
     def _random_loaders(self):
         return {"train_loader_x": self.train_loader_x}
 
-    @distributed.on_main_process
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+        # Every process's generators (each draws its own augmentations), collected before one process writes.
+        random_states = None if model_name else distributed.gather_objects(capture_random_state(self._random_loaders()))
+        self._write_checkpoints(epoch, directory, val_result, model_name, random_states)
+
+    @distributed.on_main_process
+    def _write_checkpoints(self, epoch, directory, val_result, model_name, random_states):
         names = self.get_model_names()
         if model_name:  # model-best.pth.tar: a copy of the best epoch, not a point to resume from
             for name in names:
@@ -340,7 +345,7 @@ class CLIPTrainer(TrainerX):
             return
         payloads = {name: self._checkpoint_payload(name, epoch, val_result) for name in names}
         write_checkpoint_set(directory, epoch + 1, payloads, {
-            "random_state": capture_random_state(self._random_loaders()),
+            "random_states": random_states,
             "best_result": float(self.best_result),
             "config": flatten_config(self.cfg),
             "trainer": self.cfg.TRAINER.NAME,
@@ -364,10 +369,20 @@ class CLIPTrainer(TrainerX):
         logger.info("Found checkpoint at %s (will resume training)", directory)
         for name in names:
             self._resume_module(name, paths[name])
-        restore_random_state(marker["random_state"], self._random_loaders())
+        self._restore_random_states(marker)
         self.best_result = marker.get("best_result", self.best_result)
         logger.info("Resumed the checkpoint set of epoch %d (next epoch: %d)", marker["epoch"], marker["epoch"] + 1)
         return marker["epoch"]
+
+    def _restore_random_states(self, marker):
+        """Each process continues its own random stream; markers before per-process states hold one."""
+        states = marker.get("random_states") or [marker["random_state"]]
+        if len(states) != distributed.world_size():
+            logger.warning("The checkpoint was written by %d process(es) and this run has %d: the random generators "
+                           "are not restored (each process keeps seed + rank), so the resumed run is not "
+                           "bit-identical to an uninterrupted one.", len(states), distributed.world_size())
+            return
+        restore_random_state(states[distributed.rank()], self._random_loaders())
 
     def _resume_without_set(self, directory, names):
         """Runs written before checkpoint sets existed: each module's latest checkpoint, all of one epoch."""

@@ -116,9 +116,18 @@ def on_main_process(method):
 def seed_per_process(seed):
     """Reseed torch per process (seed + rank) so that the processes draw different random
     augmentations; called after the model is built, whose random initialisation is therefore
-    the same in every process."""
+    the same in every process, and before a resumed run restores each process's own state."""
     if is_distributed():
         torch.manual_seed(max(seed, 0) + rank())
+
+
+def gather_objects(value):
+    """Every process's `value` (picklable), in rank order, in every process; [value] in one process."""
+    if not is_distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _collective_device():
