@@ -58,6 +58,21 @@ def test_zero_shot_clip_evaluates_without_a_model(synthetic_data_root, tiny_clip
 
 
 @pytest.mark.e2e
+def test_deterministic_runs_give_the_same_result(synthetic_data_root, tiny_clip_path, tmp_path):
+    run = TrainRun("RAda", "vit_b16_ep5", synthetic_data_root, tiny_clip_path, tmp_path)
+    plain = run.train()
+    run.train_dir = os.path.join(run.workdir, "deterministic")
+    deterministic = run.train("DETERMINISTIC", "True")
+    assert_clean(plain)
+    assert_clean(deterministic)
+    assert "deterministic algorithms on" in deterministic.output
+    assert deterministic.accuracy == plain.accuracy  # on the CPU the switches change no result
+    weights = [torch.load(os.path.join(folder, "rada_head", "model.pth.tar-1"), weights_only=True)["state_dict"]
+               for folder in (plain.output_dir, deterministic.output_dir)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+@pytest.mark.e2e
 def test_interrupted_run_resumes_from_its_last_checkpoint(synthetic_data_root, tiny_clip_path, tmp_path):
     run = TrainRun("RAdaCoOp", "vit_b16_ep50_ctxv1", synthetic_data_root, tiny_clip_path, tmp_path)
     assert_clean(run.train("OPTIM.MAX_EPOCH", "2", "TRAIN.CHECKPOINT_FREQ", "1"))

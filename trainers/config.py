@@ -25,6 +25,10 @@ ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, a
 
 
 def extend_cfg(cfg):
+    # Reproducible GPU runs: deterministic cuDNN and torch algorithms (no cudnn.benchmark), cuBLAS's
+    # reproducible workspace, and the RAda head's blocked attention on CUDA; slower. CPU runs are
+    # reproducible either way.
+    cfg.DETERMINISTIC = False
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all, base or new (CoOp's base-to-new protocol)
     # MODEL.BACKBONE.NAME: an OpenAI CLIP name (ViT-B/16, RN50, ...) or checkpoint file,
     # "open_clip:ARCH/PRETRAINED", "open_clip:hf-hub:ORG/NAME", "open_clip:local-dir:FOLDER" or
@@ -49,7 +53,8 @@ def extend_cfg(cfg):
     cfg.TRAINER.RADA.TEMP = 1.0  # temperature of the global softmax
     cfg.TRAINER.RADA.NUM_HEADS = 8
     # The head's attention: "fused" (PyTorch's fused attention kernel), "blocked" (a loop of small
-    # blocks, any device) or "auto" (fused where this torch has the kernel; see rada_head.py).
+    # blocks, any device) or "auto" (fused where this torch has the kernel, but blocked on CUDA
+    # under DETERMINISTIC; see rada_head.py).
     cfg.TRAINER.RADA.ATTENTION_IMPL = "auto"
     cfg.TRAINER.RADA.PREC = "fp16"  # precision of CLIP in the RAda trainer (the head is fp32)
     # Hand-crafted prompt of the RAda trainer; "" picks CoOp's per-dataset zero-shot template.

@@ -47,6 +47,7 @@ from .core.precision import Precision
 from .core.rada_head import rada_loss
 from .core.random_state import capture as capture_random_state
 from .core.random_state import restore as restore_random_state
+from .core.random_state import use_deterministic_algorithms
 from .core.results import backbone_identity, config_differences, flatten_config, result_line
 from .core.schedule import build_lr_scheduler
 
@@ -92,6 +93,8 @@ class CLIPTrainer(TrainerX):
 
     def __init__(self, cfg):
         _log_to_stdout()
+        if cfg.DETERMINISTIC:  # before the model reaches the GPU (cuBLAS reads its setting once)
+            use_deterministic_algorithms()
         super().__init__(cfg)
         self.evaluator = distributed.sharded_evaluator(self.evaluator)  # distributed: gathers the shards
 

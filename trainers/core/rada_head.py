@@ -59,6 +59,13 @@ def fused_attention_available(device, dtype):
     return dtype in _FUSED_DTYPES.get(device_type, ()) and hasattr(torch.ops.aten, _FUSED_OPS[device_type])
 
 
+def fused_attention_nondeterministic(device):
+    """Whether the fused kernel's backward would break torch.use_deterministic_algorithms: CUDA's
+    memory-efficient backward is deterministic only in the strict mode, and warns in warn-only mode."""
+    return (torch.device(device).type == "cuda" and torch.are_deterministic_algorithms_enabled()
+            and torch.is_deterministic_algorithms_warn_only_enabled())
+
+
 def _accumulation_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
@@ -276,7 +283,8 @@ class RAdaHead(nn.Module):
     of classes, so a head trained on some classes applies to any others.
 
     attention_impl: "blocked", "fused" or "auto" (fused where fused_attention_available says
-    this torch has the kernel for the device and dtype, else blocked); see the module docstring.
+    this torch has the kernel for the device and dtype and its backward keeps torch's
+    deterministic mode, see fused_attention_nondeterministic; else blocked); see the module docstring.
     """
 
     def __init__(self, embed_dim, num_heads=8, temperature=1.0, block_elements=DEFAULT_BLOCK_ELEMENTS,
@@ -325,6 +333,8 @@ class RAdaHead(nn.Module):
                 f"{dtype}, which torch {torch.__version__} does not have; set TRAINER.RADA.ATTENTION_IMPL to auto "
                 "or blocked"
             )
+        if self.attention_impl == "auto" and fused_attention_nondeterministic(device):
+            return False
         return available
 
     def forward(self, image_features, text_features, logit_scale):

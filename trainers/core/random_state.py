@@ -5,10 +5,16 @@ Dassl's loaders shuffle with torch's global generator (its RandomSampler has non
 seed their workers from it; a sampler or loader given its own `torch.Generator` is saved too.
 """
 
+import logging
+import os
 import random
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
+# cuBLAS's setting for reproducible results (CUDA's documentation); read when cuBLAS starts.
+CUBLAS_WORKSPACE = ":4096:8"
 
 
 def _generators(loaders):
@@ -55,3 +61,15 @@ def restore(state, loaders=None):
 def _as_tuples(value):
     """random.setstate needs tuples; a checkpoint round trip may hand back lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def use_deterministic_algorithms():
+    """Make GPU runs reproducible: deterministic cuDNN and torch kernels, no cuDNN autotuning, and
+    cuBLAS's reproducible workspace (unless the environment sets its own). Operations torch has no
+    deterministic kernel for warn instead of failing, so a run never stops on one."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    logger.info("DETERMINISTIC: deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
+                os.environ["CUBLAS_WORKSPACE_CONFIG"])
