@@ -13,6 +13,8 @@ Parts (one table, a row each):
   it/s and peak memory, checking on the way that CLIP holds the precision the trainer claims
   (PREC fp16: fp16 weight matrices; amp: fp32 weights and fp16 activations; trainable modules
   fp32 master weights) and that no operation of the step touches a CPU tensor;
+- determinism: RAdaCoOp (PREC amp) under DETERMINISTIC trained twice from the same start for a
+  few steps: the weights must be bitwise equal (it/s shows the cost against the train row);
 - eval: RAda over 1000 classes at test batch 100 (PREC fp16): images/s and the head's peak memory
   (goal: at most 8 GB);
 - ttt: one image of test-time training at K=1000 (64 views), ours vs TPT's loop (bench/ttt.py);
@@ -244,24 +246,31 @@ def train_step(model, precision, optimizer, scaler, images, labels):
     scaler.update()
 
 
-def check_training(table, size, device, base_clip):
+def training_setup(trainer, mode, size, device, base_clip):
+    """(model, trainable modules, precision, step) of one training step of `trainer` under PREC `mode`,
+    on fixed images and labels; the classifier and optimiser are built as the trainer builds them."""
     from trainers.core.precision import Precision
 
     classnames = [f"class {i}" for i in range(size.train_classes)]
     resolution = base_clip.visual.input_resolution
+    cfg = base_cfg(size.batch < 32)
+    precision = Precision(mode, device)
+    torch.manual_seed(1)  # the CoOp / MaPLe context starts random
+    model, trainable = compose(trainer, cfg, precision.cast_clip(copy.deepcopy(base_clip)), classnames)
+    model.to(device)
+    params = [p for module in trainable.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    images = torch.randn(size.train_batch, 3, resolution, resolution, device=device)
+    labels = torch.randint(size.train_classes, (size.train_batch,), device=device)
+    step = functools.partial(train_step, model, precision, optimizer, precision.grad_scaler(), images, labels)
+    return model, trainable, precision, step
+
+
+def check_training(table, size, device, base_clip):
     for trainer in ("RAda", "RAdaCoOp", "RAdaMaPLe"):
         for mode in ("fp16", "amp"):
             case = f"{trainer} PREC {mode} B={size.train_batch} K={size.train_classes}"
-            cfg = base_cfg(size.batch < 32)
-            precision = Precision(mode, device)
-            clip_model = precision.cast_clip(copy.deepcopy(base_clip))
-            model, trainable = compose(trainer, cfg, clip_model, classnames)
-            model.to(device)
-            params = [p for module in trainable.values() for p in module.parameters()]
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
-            scaler = precision.grad_scaler()
-            images = torch.randn(size.train_batch, 3, resolution, resolution, device=device)
-            labels = torch.randint(size.train_classes, (size.train_batch,), device=device)
+            model, trainable, precision, step = training_setup(trainer, mode, size, device, base_clip)
             seen = {}
             encode = model.encode
 
@@ -271,8 +280,6 @@ def check_training(table, size, device, base_clip):
                 return image_features, text_features
 
             model.encode = recording_encode  # the classifier's forward calls self.encode
-            step = functools.partial(train_step, model, precision, optimizer, scaler, images, labels)
-
             watch = HostTensorWatch()
             with watch:
                 step()
@@ -289,7 +296,42 @@ def check_training(table, size, device, base_clip):
             claim = f"CLIP {precision.mode}, trainables fp32" + (", no CPU tensors" if device.type == "cuda" else "")
             table.add("train", case, fwd_bwd=f"{seconds * 1e3:.1f}", peak=mib(peak),
                       throughput=f"{1 / seconds:.2f} it/s", check="; ".join(problems) or claim, ok=not problems)
-            del model, trainable, optimizer, clip_model
+            del model, trainable, step
+
+
+def check_determinism(table, size, device, base_clip):
+    """DETERMINISTIC: RAdaCoOp under PREC amp, trained twice for a few steps from the same start, must
+    end in bitwise-equal weights (the head then takes its blocked attention on CUDA)."""
+    from trainers.core.random_state import use_deterministic_algorithms
+
+    steps = max(size.warmup, 2)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    use_deterministic_algorithms()
+    try:
+        states, seconds = [], []
+        for _ in range(2):
+            model, trainable, _, step = training_setup("RAdaCoOp", "amp", size, device, base_clip)
+            impl = "fused" if model.head.uses_fused_attention(device, torch.float32) else "blocked"
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(device)
+            seconds.append((time.perf_counter() - start) / steps)
+            states.append({f"{name}.{key}": value.detach().clone() for name, module in trainable.items()
+                           for key, value in module.state_dict().items()})
+            del model, trainable, step
+    finally:
+        benchmark, deterministic, enabled, warn_only = saved
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    differing = [key for key, value in states[0].items() if not torch.equal(value, states[1][key])]
+    check = (f"{len(differing)} tensor(s) differ, e.g. {differing[0]}" if differing
+             else f"2 runs of {steps} steps bitwise equal (head: {impl})")
+    table.add("determinism", f"RAdaCoOp PREC amp DETERMINISTIC B={size.train_batch} K={size.train_classes}",
+              fwd_bwd=f"{statistics.median(seconds) * 1e3:.1f}", throughput=f"{1 / statistics.median(seconds):.2f} it/s",
+              check=check, ok=not differing)
 
 
 def check_evaluation(table, size, device, base_clip):
@@ -360,17 +402,23 @@ def check_demo(table, device):
               check="passed")
 
 
+PARTS = ["head", "train", "determinism", "eval", "ttt", "demo"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--small", action="store_true", help="toy sizes, no demo (for the test suite)")
-    parser.add_argument("--parts", nargs="+", default=["head", "train", "eval", "ttt", "demo"],
-                        choices=["head", "train", "eval", "ttt", "demo"])
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible to torch; run with --device cpu --small for the CPU parts",
               file=sys.stderr)
         return 2
+    if "determinism" in args.parts:  # cuBLAS reads its workspace setting once, before the first product
+        from trainers.core.random_state import CUBLAS_WORKSPACE
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     device = torch.device(args.device)
     size = sizes(args.small)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -379,10 +427,12 @@ def main():
     start = time.perf_counter()
     if "head" in args.parts:
         check_head(table, size, device)
-    if {"train", "eval"} & set(args.parts):
+    if {"train", "determinism", "eval"} & set(args.parts):
         base_clip = build_clip(args.small)
         if "train" in args.parts:
             check_training(table, size, device, base_clip)
+        if "determinism" in args.parts:
+            check_determinism(table, size, device, base_clip)
         if "eval" in args.parts:
             check_evaluation(table, size, device, base_clip)
         del base_clip

@@ -19,11 +19,12 @@ def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     parts = {line.split("|")[1].strip() for line in table[1:]}
-    assert parts == {"head", "train", "eval", "ttt"}, result.stdout
+    assert parts == {"head", "train", "determinism", "eval", "ttt"}, result.stdout
     for impl in ("blocked", "fused", "dense"):
         assert any(f"| {impl} B=4 K=12 fp32" in line for line in table), impl
     # The fused and blocked heads were compared with the dense one in float64 on the way.
     assert sum("rel. error vs dense fp64" in line for line in table) == 2
     for trainer in ("RAda ", "RAdaCoOp ", "RAdaMaPLe "):
         assert sum(line.startswith("| train") and f"| {trainer}PREC" in line for line in table) == 2, trainer
+    assert any("bitwise equal (head: fused)" in line for line in table), result.stdout  # on the CPU: fused
     assert "all checks passed" in result.stdout
