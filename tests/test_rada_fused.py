@@ -124,6 +124,37 @@ def test_forcing_fused_where_no_kernel_exists_names_the_setting():
         head.uses_fused_attention("meta", torch.float32)
 
 
+@requires_cpu_fused
+def test_auto_survives_a_failing_kernel_where_fallback_is_allowed(monkeypatch, caplog):
+    """On CUDA a build or GPU may lack the kernel for some inputs: auto logs it once and continues with
+    the blocked loop (exercised here on the CPU by allowing the fallback there)."""
+    attempts = []
+
+    def failing_kernel(*args):
+        attempts.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    auto, image, text = head_and_inputs(3, 7, 16, 4, 1.0, torch.float32, impl="auto")
+    blocked = copy.deepcopy(auto)
+    blocked.attention_impl = "blocked"
+    monkeypatch.setattr(rada_head_module, "_FALLBACK_DEVICES", ("cpu",))
+    monkeypatch.setattr(rada_head_module._FusedRowAttention, "apply", failing_kernel)
+    for _ in range(2):
+        logits, mask = auto(image, text, 50.0)
+        expected_logits, expected_mask = blocked(image, text, 50.0)
+        assert torch.equal(logits, expected_logits) and torch.equal(mask, expected_mask)
+    assert len(attempts) == 1 and caplog.text.count("fused attention kernel failed") == 1
+    assert not auto.uses_fused_attention("cpu", torch.float32) and auto.uses_fused_attention("cpu", torch.float64)
+
+    forced = copy.deepcopy(auto)
+    forced.attention_impl = "fused"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        forced(image, text, 50.0)
+    monkeypatch.setattr(rada_head_module, "_FALLBACK_DEVICES", ("cuda",))
+    with pytest.raises(RuntimeError, match="no kernel image"):  # on the CPU an error is a bug: raised
+        rada_head_module.RAdaHead(16, 4, attention_impl="auto")(image, text, 50.0)
+
+
 def test_config_key_reaches_the_head_and_rejects_unknown_values():
     cfg = CN()
     cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()

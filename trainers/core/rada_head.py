@@ -21,11 +21,13 @@ on top. The row attention has two implementations with the same results:
   pass and again (recomputing scores) in the backward pass; any device and dtype.
 - "fused": PyTorch's fused attention kernels, which return L_i (on the CPU its flash-attention
   kernel, on CUDA its memory-efficient kernel). They are private operators, so the head checks
-  that they exist and falls back to the blocked loop ("auto") where they do not.
+  that they exist and falls back to the blocked loop ("auto") where they do not, or where the
+  CUDA kernel raises for the inputs.
 
 Memory grows linearly in K either way.
 """
 
+import logging
 import math
 
 import torch
@@ -35,6 +37,8 @@ from torch.nn import functional as F
 
 from .errors import UserFacingError
 from .precision import autocast_enabled
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "blocked", "fused")
 
@@ -51,6 +55,9 @@ _FUSED_OPS = {"cpu": "_scaled_dot_product_flash_attention_for_cpu", "cuda": "_sc
 # The fused backward gets one extra feature column (see _FusedRowAttention); CUDA's kernel wants
 # head widths in multiples of 8.
 _FUSED_PAD = {"cpu": 1, "cuda": 8}
+# Where "auto" survives a fused kernel that raises: a CUDA build or GPU may lack the kernel for some
+# inputs. The CPU kernel is always there, so an error there is a bug and is raised.
+_FALLBACK_DEVICES = ("cuda",)
 
 
 def fused_attention_available(device, dtype):
@@ -304,6 +311,8 @@ class RAdaHead(nn.Module):
         self.temperature = float(temperature)
         self.block_elements = int(block_elements)
         self.attention_impl = attention_impl
+        # (device type, dtype) whose CUDA kernel raised under "auto": the blocked loop serves them.
+        self._failed_kernels = set()
         self.q_proj1 = nn.Linear(embed_dim, embed_dim)
         self.q_proj2 = nn.Linear(embed_dim, embed_dim)
         self.q_proj3 = nn.Linear(embed_dim, embed_dim)
@@ -333,9 +342,27 @@ class RAdaHead(nn.Module):
                 f"{dtype}, which torch {torch.__version__} does not have; set TRAINER.RADA.ATTENTION_IMPL to auto "
                 "or blocked"
             )
-        if self.attention_impl == "auto" and fused_attention_nondeterministic(device):
+        if self.attention_impl == "auto" and (
+            fused_attention_nondeterministic(device) or (torch.device(device).type, dtype) in self._failed_kernels
+        ):
             return False
         return available
+
+    def _fused_row_attention(self, key, value, queries):
+        """The fused kernel's results; None where "auto" meets a CUDA kernel this GPU or build cannot
+        run for these inputs (logged once; the blocked loop takes over)."""
+        try:
+            return _FusedRowAttention.apply(key, value, *queries)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            if self.attention_impl != "auto" or key.device.type not in _FALLBACK_DEVICES:
+                raise
+            self._failed_kernels.add((key.device.type, key.dtype))
+            logger.warning("RAdaHead: the fused attention kernel failed on %s %s (%s); the head uses its blocked "
+                           "attention instead (TRAINER.RADA.ATTENTION_IMPL blocked skips this attempt).",
+                           key.device, key.dtype, str(error).splitlines()[0][:200])
+            return None
 
     def forward(self, image_features, text_features, logit_scale):
         """Return (logits (B, K), mask (B, K, D)).
@@ -385,9 +412,10 @@ class RAdaHead(nn.Module):
         mixed = torch.matmul(image_weights.to(value.dtype), value)  # (B, H, 1, dh), broadcast over class rows
         # Q2 (shared by the batch, not expanded) and Q3: row attention, then the global re-weighting.
         queries = (self._split_heads(q_text).unsqueeze(0), q_rational)
+        results = None
         if self.uses_fused_attention(key.device, key.dtype):
-            results = _FusedRowAttention.apply(key, value, *queries)
-        else:
+            results = self._fused_row_attention(key, value, queries)
+        if results is None:
             results = _BlockedRowAttention.apply(self.block_elements, key, value, *queries)
         for out, row_lse in zip(results[:2], results[2:], strict=True):
             weights = torch.exp(row_lse - torch.logsumexp(row_lse, dim=-1, keepdim=True)) * num_classes
