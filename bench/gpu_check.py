@@ -9,7 +9,8 @@ Parts (one table, a row each):
 - head: the head alone (blocked, fused, dense) at B=32, K in {100, 500, 1000}, D=512, fp32 and
   fp16 / bf16 autocast: forward and forward+backward ms, peak allocated MiB, and in fp32 the
   relative error of logits and input gradients against the dense formulation in float64;
-- train: one training step of RAda, RAdaCoOp and RAdaMaPLe at batch 32, K=500, PREC fp16 and amp:
+- train: one training step of RAda, RAdaCoOp, RAdaMaPLe and RAdaAdapter at batch 32, K=500, PREC
+  fp16 and amp, and of RAdaFT (the image encoder trained) in amp:
   it/s and peak memory, checking on the way that CLIP holds the precision the trainer claims
   (PREC fp16: fp16 weight matrices; amp: fp32 weights and fp16 activations; trainable modules
   fp32 master weights) and that no operation of the step touches a CPU tensor;
@@ -174,16 +175,26 @@ def base_cfg(small):
 
 def compose(trainer, cfg, clip_model, classnames):
     """(classifier, trainable modules) as the trainer of that name composes them (trainers/*_trainers.py)."""
+    from trainers.core.adapters import FeatureAdapter
     from trainers.core.clip_loader import clip_signature
     from trainers.core.maple import MaPLeClassifier, maple_prompt_learner
     from trainers.core.model import CLIPClassifier
     from trainers.core.prompts import FixedPrompts, coop_prompt_learner
     from trainers.core.rada_head import rada_head
 
-    head = rada_head(cfg, clip_signature(clip_model)["embed_dim"])
+    width = clip_signature(clip_model)["embed_dim"]
+    head = rada_head(cfg, width)
+    fixed_prompts = FixedPrompts(classnames, cfg.TRAINER.RADA.TEMPLATE)
     if trainer == "RAda":
-        model = CLIPClassifier(clip_model, FixedPrompts(classnames, cfg.TRAINER.RADA.TEMPLATE), head=head)
+        model = CLIPClassifier(clip_model, fixed_prompts, head=head)
         trainable = {"rada_head": model.head}
+    elif trainer == "RAdaAdapter":  # with its configs' ratio 0.5 and text adapter
+        adapter = FeatureAdapter(width, cfg.TRAINER.ADAPTER.REDUCTION, ratio=0.5, adapt_text=True)
+        model = CLIPClassifier(clip_model, fixed_prompts, head=head, adapter=adapter)
+        trainable = {"adapter": model.adapter, "rada_head": model.head}
+    elif trainer == "RAdaFT":  # the image encoder trained, the text encoder frozen (its default)
+        model = CLIPClassifier(clip_model, fixed_prompts, head=head)
+        trainable = {"image_encoder": model.image_encoder, "rada_head": model.head}
     elif trainer == "RAdaCoOp":
         model = CLIPClassifier(clip_model, coop_prompt_learner(cfg, clip_model, classnames), head=head)
         trainable = {"prompt_learner": model.prompts, "rada_head": model.head}
@@ -266,9 +277,14 @@ def training_setup(trainer, mode, size, device, base_clip):
     return model, trainable, precision, step
 
 
+# Each trainer of the train part and its PREC values; fine-tuning runs in amp only (fp16 becomes amp).
+TRAIN_CASES = (("RAda", ("fp16", "amp")), ("RAdaCoOp", ("fp16", "amp")), ("RAdaMaPLe", ("fp16", "amp")),
+               ("RAdaAdapter", ("fp16", "amp")), ("RAdaFT", ("amp",)))
+
+
 def check_training(table, size, device, base_clip):
-    for trainer in ("RAda", "RAdaCoOp", "RAdaMaPLe"):
-        for mode in ("fp16", "amp"):
+    for trainer, modes in TRAIN_CASES:
+        for mode in modes:
             case = f"{trainer} PREC {mode} B={size.train_batch} K={size.train_classes}"
             model, trainable, precision, step = training_setup(trainer, mode, size, device, base_clip)
             seen = {}

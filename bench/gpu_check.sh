@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one command: the RAda head (blocked, fused, dense), training steps of RAda,
-# RAdaCoOp and RAdaMaPLe on a random full-size ViT-B/16, evaluation over 1000 classes, one image
+# RAdaCoOp, RAdaMaPLe, RAdaAdapter and RAdaFT on a random full-size ViT-B/16, a determinism check, evaluation over 1000 classes, one image
 # of test-time training and the offline demo, printed as one table; exit status 1 if a check
 # fails. Nothing is downloaded. Under 8 minutes on one CUDA GPU.
 #

@@ -24,7 +24,7 @@ def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
         assert any(f"| {impl} B=4 K=12 fp32" in line for line in table), impl
     # The fused and blocked heads were compared with the dense one in float64 on the way.
     assert sum("rel. error vs dense fp64" in line for line in table) == 2
-    for trainer in ("RAda ", "RAdaCoOp ", "RAdaMaPLe "):
-        assert sum(line.startswith("| train") and f"| {trainer}PREC" in line for line in table) == 2, trainer
+    for trainer, rows in (("RAda ", 2), ("RAdaCoOp ", 2), ("RAdaMaPLe ", 2), ("RAdaAdapter ", 2), ("RAdaFT ", 1)):
+        assert sum(line.startswith("| train") and f"| {trainer}PREC" in line for line in table) == rows, trainer
     assert any("bitwise equal (head: fused)" in line for line in table), result.stdout  # on the CPU: fused
     assert "all checks passed" in result.stdout
