@@ -7,7 +7,7 @@ loader as MODEL.BACKBONE.NAME open_clip:local-dir:FOLDER.
   tokenizer (with start token), softmax objective, 64 px images.
 - SigLIP-style: bidirectional text transformer (no causal mask) pooled at the last position, a
   word-level tokenizer without start token (sequences end with </s>, then padding), a logit bias,
-  mean/std 0.5 as SigLIP's preprocessing, 64 px images.
+  mean/std 0.5 and the "squash" resize mode as SigLIP's preprocessing, 64 px images.
 """
 
 import json
@@ -39,7 +39,7 @@ SIGLIP_STYLE = {
         "hf_tokenizer_name": "local",
     },
 }
-SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize_mode": "squash"}
 
 
 def build(model_cfg, seed=0):

@@ -151,6 +151,31 @@ def test_preprocessing_follows_the_backbone_unless_set_otherwise(backbones):
     assert follow_preprocess(cfg, backbones["siglip"].preprocess)[0].INPUT.PIXEL_MEAN == [0.4, 0.4, 0.4]
 
 
+def test_the_resize_mode_is_the_models_own(backbones):
+    # SigLIP's open_clip configs squash the whole image; CLIP's resize the shorter side, then crop.
+    assert backbones["siglip"].preprocess.resize_mode == "squash"
+    assert backbones["clip"].preprocess.resize_mode == "shortest"
+
+
+@pytest.mark.parametrize("arch, tag, mode", [
+    ("ViT-B-16-SigLIP", "webli", "squash"), ("ViT-B-16-SigLIP2", "webli", "squash"),
+    ("ViT-B-16", "laion2b_s34b_b88k", "shortest"), ("ViT-B-16", "openai", "shortest"),
+])
+def test_a_pretrained_tags_resize_mode_reaches_the_backbone(arch, tag, mode):
+    """The preprocessing open_clip settles on for a pretrained tag (its defaults under the tag's
+    config, as create_model merges them) gives the tag's resize mode; nothing is downloaded."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    from trainers.core.backbones.open_clip_backend import _preprocess
+
+    settled = merge_preprocess_dict(asdict(PreprocessCfg()), get_pretrained_cfg(arch, tag))
+    assert _preprocess(SimpleNamespace(preprocess_cfg=settled)).resize_mode == mode
+
+
 def test_a_timm_image_tower_works_without_deep_vision_prompts():
     import open_clip
 

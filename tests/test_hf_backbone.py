@@ -168,6 +168,15 @@ def test_preprocessing_is_the_image_processors(family, tiny_hf_path, loaded):
         assert preprocess.mean == pytest.approx((0.5,) * 3) and preprocess.std == pytest.approx((0.5,) * 3)
 
 
+@pytest.mark.parametrize("family, mode", [("clip", "shortest"), ("siglip", "squash"), ("align", "squash"),
+                                          ("blip", "squash")])
+def test_the_resize_mode_is_the_image_processors(family, mode, loaded):
+    """CLIP's processor resizes the shorter side and centre-crops; SigLIP's, BLIP's and ALIGN's (without
+    its crop) resize the whole image to height x width."""
+    backbone, *_ = loaded(family)
+    assert backbone.preprocess.resize_mode == mode
+
+
 def test_a_head_trained_on_one_model_loads_only_into_that_model(loaded, tiny_hf_path, tmp_path):
     """Checkpoints record the backbone: a head trained on the CLIP model is refused by the SigLIP
     model, while the same CLIP model copied to another folder (a local folder has no Hub name) loads it."""

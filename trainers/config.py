@@ -17,6 +17,7 @@ its default would be ignored, so it is an error.
 from yacs.config import CfgNode as CN
 
 from .core.errors import UserFacingError
+from .core.image_resize import RESIZE_MODES
 
 PRECISIONS = ("fp16", "fp32", "amp")
 PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
@@ -38,6 +39,11 @@ def extend_cfg(cfg):
     # default caches, ~/.cache/clip and the Hugging Face cache; hf: the Hugging Face cache).
     cfg.MODEL.BACKBONE.CACHE_DIR = ""
     cfg.MODEL.BACKBONE.WEIGHTS = ""  # a local weights file for the architecture NAME names
+    # How test (and validation) images are brought to INPUT.SIZE: "shortest" side then a centre crop
+    # (Dassl's test transform; OpenAI CLIP), "squash" the whole image to the square (SigLIP),
+    # "longest" side then black padding, or "auto": the backbone's own mode (trainers/core/image_resize.py).
+    # Training augmentation is Dassl's (INPUT.TRANSFORMS) whatever this says.
+    cfg.INPUT.RESIZE_MODE = "auto"
 
     cfg.TRAINER.COOP = CN()
     cfg.TRAINER.COOP.N_CTX = 16  # number of context tokens
@@ -156,6 +162,7 @@ VALUE_RULES = (
     ("DATALOADER.NUM_WORKERS", Interval(0, integer=True)),
     ("OPTIM.LR", Interval(0)),
     ("DATASET.SUBSAMPLE_CLASSES", OneOf("all", "base", "new")),
+    ("INPUT.RESIZE_MODE", OneOf("auto", *RESIZE_MODES)),
     *((f"TRAINER.{node}.PREC", OneOf(*PRECISIONS)) for node in PREC_NODES),
     ("TRAINER.COOP.CLASS_TOKEN_POSITION", OneOf("end", "middle", "front")),
     ("TRAINER.RADA.ALPHA", Interval(0)),
@@ -207,6 +214,7 @@ def defaults():
     """Our keys at their defaults (without Dassl's)."""
     skeleton = CN()
     skeleton.DATASET = CN()
+    skeleton.INPUT = CN()
     skeleton.MODEL = CN()
     skeleton.MODEL.BACKBONE = CN()
     skeleton.TRAINER = CN()

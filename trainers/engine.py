@@ -43,6 +43,7 @@ from .core.checkpoint import (
     write_checkpoint_set,
 )
 from .core.errors import CheckpointError, UserFacingError
+from .core.image_resize import evaluation_resize
 from .core.precision import Precision
 from .core.rada_head import rada_loss
 from .core.random_state import capture as capture_random_state
@@ -148,12 +149,17 @@ class CLIPTrainer(TrainerX):
         )
         self.val_loader = distributed.sharded_loader(self.val_loader)
         self.test_loader = distributed.sharded_loader(self.test_loader)
-        # Some test sets transform each image first (ObjectNet's frame is cut off).
+        # Evaluation images are brought to INPUT.SIZE the backbone's way (INPUT.RESIZE_MODE; None for
+        # "shortest", Dassl's own), after what some test sets do first (ObjectNet's frame is cut off).
+        resize = evaluation_resize(self.cfg.INPUT.RESIZE_MODE, self.cfg.INPUT.SIZE, self.cfg.INPUT.INTERPOLATION)
         pre_transform = getattr(self.dm.dataset, "test_pre_transform", None)
-        if pre_transform is not None:
-            logger.info(str(pre_transform))
-            wrapper = self.test_loader.dataset
-            wrapper.transform = Compose([pre_transform, wrapper.transform])
+        for step in (pre_transform, resize):
+            if step is not None:
+                logger.info(str(step))
+        for loader, steps in ((self.val_loader, [resize]), (self.test_loader, [pre_transform, resize])):
+            steps = [step for step in steps if step is not None]
+            if loader is not None and steps:
+                loader.dataset.transform = Compose([*steps, loader.dataset.transform])
 
     # ---- model --------------------------------------------------------------------------------
     def load_backbone(self):

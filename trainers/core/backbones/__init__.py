@@ -88,7 +88,9 @@ def _same(a, b):
 def follow_preprocess(cfg, preprocess):
     """(cfg, {key: value changed}): INPUT.SIZE, PIXEL_MEAN, PIXEL_STD and INTERPOLATION set to the
     backbone's own preprocessing wherever they hold the OpenAI CLIP values the shipped configs carry;
-    a value set to anything else was chosen by the user and is kept. For OpenAI models nothing changes."""
+    a value set to anything else was chosen by the user and is kept. INPUT.RESIZE_MODE "auto" (where
+    the config has the key) becomes the backbone's resize mode; any other value is the user's. For
+    OpenAI models only "auto" changes, to "shortest" (Dassl's own test transform)."""
     wanted = {
         "SIZE": (preprocess.image_size, preprocess.image_size),
         "PIXEL_MEAN": tuple(preprocess.mean),
@@ -99,6 +101,8 @@ def follow_preprocess(cfg, preprocess):
         key: value for key, value in wanted.items()
         if _same(cfg.INPUT[key], SHIPPED_INPUT[key]) and not _same(cfg.INPUT[key], value)
     }
+    if cfg.INPUT.get("RESIZE_MODE") == "auto":
+        changed["RESIZE_MODE"] = preprocess.resize_mode
     if not changed:
         return cfg, changed
     cfg = cfg.clone()

@@ -10,7 +10,7 @@ A `Backbone` is a plain object (not a module) that hands out the library's own m
 - `logit_scale` (log of the multiplier, a parameter) and `logit_bias` (a parameter, or None for
   softmax-trained models); `objective` is "softmax" (CLIP) or "sigmoid" (SigLIP).
 - `embed_dim`, `text_width`, `vision_width`; `preprocess` (image size, mean/std, interpolation
-  from the model's own preprocessing config).
+  and the test-time resize mode from the model's own preprocessing config).
 - MaPLe's hooks: `text_prompt_sites()` / `vision_prompt_sites()` give the residual blocks (and, for
   the vision tower, the module whose input is the patch-embedding output) or raise a
   UserFacingError naming what the backbone lacks.
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UserFacingError
+from ..image_resize import RESIZE_MODES
 
 OBJECTIVES = ("softmax", "sigmoid")
 
@@ -41,12 +42,20 @@ class BackboneError(UserFacingError):
 @dataclass(frozen=True)
 class Preprocess:
     """The vision tower's input: square `image_size` px, normalised with `mean` / `std` (RGB, 0..1 scale),
-    resized with `interpolation` (a torchvision/Dassl name: "bicubic", "bilinear", "nearest")."""
+    resized with `interpolation` (a torchvision/Dassl name: "bicubic", "bilinear", "nearest"). A test
+    image is brought to that size as `resize_mode` says (one of RESIZE_MODES, see image_resize.py):
+    "shortest" side then a centre crop (CLIP), "squash" the whole image (SigLIP), or "longest" side
+    then padding."""
 
     image_size: int
     mean: tuple
     std: tuple
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
 
 
 class Tokenizer:

@@ -244,7 +244,18 @@ def read_preprocess(image_processor, name=""):
         mean=tuple(round(float(v), 8) for v in mean),
         std=tuple(round(float(v), 8) for v in std),
         interpolation=_INTERPOLATIONS.get(int(resample) if resample is not None else 3, "bicubic"),
+        resize_mode=_resize_mode(image_processor),
     )
+
+
+def _resize_mode(image_processor):
+    """"squash" for a processor that resizes the whole image to a fixed height and width without a
+    centre crop (SigLIP's, BLIP's, ALIGN's EfficientNet processor with do_center_crop off), else
+    "shortest": the shorter side, then a centre crop (CLIP's: size {"shortest_edge"} and crop_size).
+    A fixed-size resize followed by a smaller centre crop has no mode here and is read as "shortest"."""
+    size = getattr(image_processor, "size", None) or {}
+    fixed = bool(size.get("height") and size.get("width"))
+    return "squash" if fixed and not getattr(image_processor, "do_center_crop", False) else "shortest"
 
 
 # ---- loading ----------------------------------------------------------------------------------

@@ -181,6 +181,8 @@ def _vision_width(visual):
 
 
 def _preprocess(visual):
+    """The preprocessing open_clip settled on for the model (its pretrained tag's, the hub or folder
+    config's, else open_clip's defaults), as open_clip's inference transform applies it."""
     config = getattr(visual, "preprocess_cfg", {}) or {}
     size = config.get("size", getattr(visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -188,7 +190,8 @@ def _preprocess(visual):
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         interpolation = "bicubic"  # open_clip's "random" is a training augmentation
     return Preprocess(int(size), tuple(config.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                      tuple(config.get("std", open_clip.OPENAI_DATASET_STD)), interpolation)
+                      tuple(config.get("std", open_clip.OPENAI_DATASET_STD)), interpolation,
+                      resize_mode=config.get("resize_mode") or "shortest")
 
 
 def _close(word, candidates):
