@@ -193,6 +193,7 @@ def test_host_config_keys_keep_their_values():
 
     cfg = CN()
     cfg.DATASET = CN()
+    cfg.INPUT = CN()
     cfg.MODEL = CN()
     cfg.MODEL.BACKBONE = CN()
     cfg.TRAINER = CN()

@@ -157,7 +157,7 @@ def test_auto_survives_a_failing_kernel_where_fallback_is_allowed(monkeypatch, c
 
 def test_config_key_reaches_the_head_and_rejects_unknown_values():
     cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.DATASET, cfg.INPUT, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN(), CN()
     cfg.MODEL.BACKBONE = CN()
     extend_cfg(cfg)
     assert cfg.TRAINER.RADA.ATTENTION_IMPL == "auto"
