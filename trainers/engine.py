@@ -134,7 +134,7 @@ class CLIPTrainer(TrainerX):
     # ---- data ---------------------------------------------------------------------------------
     def build_data_loader(self):
         # Dassl builds the data loaders before the model: the backbone is loaded first, so that the
-        # images are prepared as the backbone expects (its image size, mean/std, interpolation).
+        # images are prepared as the backbone expects (its image size, mean/std, interpolation, resize mode).
         self.dual_encoder = self.load_backbone()
         self._check_backbone_supports_trainer(self.dual_encoder)
         self.cfg, changed = follow_preprocess(self.cfg, self.dual_encoder.preprocess)
