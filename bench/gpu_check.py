@@ -22,7 +22,8 @@ Parts (one table, a row each):
 - demo: scripts/rada/demo.sh end to end on the device (one seed, two epochs), which must pass.
 
 Exit status 1 when a check fails. `--device cpu --small` runs every part but the demo at toy sizes
-(the test suite runs it so that this script does not rot).
+(the test suite runs it so that this script does not rot), with PREC fp16 and amp in real half
+precision on the CPU where this torch has the kernels, so that their checks run there too.
 """
 
 import argparse
@@ -260,12 +261,12 @@ def train_step(model, precision, optimizer, scaler, images, labels):
 def training_setup(trainer, mode, size, device, base_clip):
     """(model, trainable modules, precision, step) of one training step of `trainer` under PREC `mode`,
     on fixed images and labels; the classifier and optimiser are built as the trainer builds them."""
-    from trainers.core.precision import Precision
+    from trainers.core.precision import Precision, cpu_runs_half_precision
 
     classnames = [f"class {i}" for i in range(size.train_classes)]
     resolution = base_clip.visual.input_resolution
     cfg = base_cfg(size.batch < 32)
-    precision = Precision(mode, device)
+    precision = Precision(mode, device, half_on_cpu=cpu_runs_half_precision())
     torch.manual_seed(1)  # the CoOp / MaPLe context starts random
     model, trainable = compose(trainer, cfg, precision.cast_clip(copy.deepcopy(base_clip)), classnames)
     model.to(device)
@@ -351,9 +352,9 @@ def check_determinism(table, size, device, base_clip):
 
 
 def check_evaluation(table, size, device, base_clip):
-    from trainers.core.precision import Precision
+    from trainers.core.precision import Precision, cpu_runs_half_precision
 
-    precision = Precision("fp16", device)
+    precision = Precision("fp16", device, half_on_cpu=cpu_runs_half_precision())
     cfg = base_cfg(size.batch < 32)
     classnames = [f"class {i}" for i in range(size.eval_classes)]
     model, _ = compose("RAda", cfg, precision.cast_clip(copy.deepcopy(base_clip)), classnames)

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.image_trees import write_class_folders, write_images  # noqa: F401  (re-exported for tests)
+from trainers.core.precision import cpu_runs_half_precision
 from trainers.core.tiny_clip import save_tiny_clip
 
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
@@ -18,17 +19,7 @@ HAS_DASSL = importlib.util.find_spec("dassl") is not None
 requires_dassl = pytest.mark.skipif(not HAS_DASSL, reason="Dassl is not installed (see README)")
 
 
-def _cpu_runs_half_precision():
-    try:
-        torch.nn.functional.conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.half), torch.zeros(1, 1, 1, 1, dtype=torch.half))
-        with torch.autocast("cpu", dtype=torch.float16):
-            pass
-        return True
-    except RuntimeError:  # torch < 2.2: no fp16 convolution and no fp16 autocast on the CPU
-        return False
-
-
-requires_cpu_half = pytest.mark.skipif(not _cpu_runs_half_precision(), reason="this torch has no fp16 CPU kernels")
+requires_cpu_half = pytest.mark.skipif(not cpu_runs_half_precision(), reason="this torch has no fp16 CPU kernels")
 
 
 @pytest.fixture(autouse=True)

@@ -103,5 +103,7 @@ def test_precision_modes_on_cpu(tiny_clip_path):
     assert Precision("fp32", "cpu").cast_clip(model).visual.conv1.weight.dtype == torch.float32
     fallback = Precision("fp16", "cpu")
     assert fallback.mode == "fp32" and fallback.clip_dtype == torch.float32
+    forced = Precision("fp16", "cpu", half_on_cpu=True)  # gpu_check's CPU run of the half-precision paths
+    assert forced.mode == "fp16" and forced.cast_clip(model).visual.conv1.weight.dtype == torch.float16
     with pytest.raises(ValueError, match="fp16, fp32, amp"):
         Precision("int8", "cpu")

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.train_harness import REPO
+from trainers.core.precision import cpu_runs_half_precision
 
 pytestmark = pytest.mark.e2e  # runs a script end to end
 
@@ -26,5 +27,9 @@ def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
     assert sum("rel. error vs dense fp64" in line for line in table) == 2
     for trainer, rows in (("RAda ", 2), ("RAdaCoOp ", 2), ("RAdaMaPLe ", 2), ("RAdaAdapter ", 2), ("RAdaFT ", 1)):
         assert sum(line.startswith("| train") and f"| {trainer}PREC" in line for line in table) == rows, trainer
+    if cpu_runs_half_precision():  # fp16 and amp then run in half precision on the CPU, and their checks with them
+        for mode in ("fp16", "amp"):
+            train_rows = [line for line in table if line.startswith("| train") and f"PREC {mode} " in line]
+            assert train_rows and all(f"CLIP {mode}, trainables fp32" in line for line in train_rows), mode
     assert any("bitwise equal (head: fused)" in line for line in table), result.stdout  # on the CPU: fused
     assert "all checks passed" in result.stdout

@@ -22,12 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 class Precision:
-    def __init__(self, mode, device):
+    """half_on_cpu: run fp16 and amp on the CPU as on a GPU (slow; lets bench/gpu_check.py test the
+    half-precision paths without one)."""
+
+    def __init__(self, mode, device, half_on_cpu=False):
         if mode not in PRECISIONS:
             raise ValueError(f"Unknown precision {mode!r}: PREC must be one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.requested = mode
-        if mode != "fp32" and self.device.type != "cuda":
+        if mode != "fp32" and self.device.type != "cuda" and not half_on_cpu:
             logger.warning("PREC=%s needs a CUDA device; running in fp32 on %s", mode, self.device)
             mode = "fp32"
         self.mode = mode
@@ -60,3 +63,14 @@ def autocast_enabled(device_type):
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no argument and has a separate CPU query
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def cpu_runs_half_precision():
+    """Whether this torch has the CPU kernels the fp16 paths need (convolution, fp16 autocast)."""
+    try:
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.half), torch.zeros(1, 1, 1, 1, dtype=torch.half))
+        with torch.autocast("cpu", dtype=torch.float16):
+            pass
+        return True
+    except RuntimeError:  # torch < 2.2: no fp16 convolution and no fp16 autocast on the CPU
+        return False
