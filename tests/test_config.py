@@ -130,3 +130,16 @@ def test_test_time_trainers_do_not_depend_on_the_order_of_their_bases(name, sour
     assert all(getattr(swapped, attr) is getattr(registered, attr) for attr in names)
     assert TestTimeTrainer.evaluate is not classifier.evaluate  # its own loop over the test loader
     assert "model_inference" not in vars(TestTimeTrainer) and "parse_batch_test" not in vars(TestTimeTrainer)
+
+
+def test_keys_added_or_removed_between_versions_are_not_changed_settings():
+    """A run recorded before a key existed (run.json, checkpoint markers) still resumes and is reused."""
+    from trainers.core.results import config_differences, flatten_config
+
+    current = flatten_config(defaults())
+    recorded_earlier = {key: value for key, value in current.items()
+                        if key not in ("DETERMINISTIC", "INPUT.RESIZE_MODE")}
+    recorded_earlier["TRAINER.RADA.OLD_KEY"] = 1
+    assert config_differences(recorded_earlier, current) == []
+    changed = dict(current, **{"TRAINER.RADA.ALPHA": 0.1})
+    assert config_differences(recorded_earlier, changed) == ["TRAINER.RADA.ALPHA: was 0.0, now 0.1"]

@@ -292,8 +292,11 @@ def flatten_config(node, prefix=""):
 
 
 def config_differences(stored, current):
-    """The settings (flattened configs) that differ, ignoring where files are (LOCATION_KEYS)."""
-    return differences(stored, current, ignore=LOCATION_KEYS)
+    """The settings (flattened configs) that differ, ignoring where files are (LOCATION_KEYS). A
+    config holds every key of the version that wrote it, so a key only one side has was added (or
+    removed) between versions: not a changed setting, and a run recorded before it still resumes."""
+    version_keys = set(stored) ^ set(current)
+    return differences(stored, current, ignore=(*LOCATION_KEYS, *version_keys))
 
 
 def read_run_record(run_dir):
