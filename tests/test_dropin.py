@@ -186,7 +186,22 @@ def test_without_the_two_lines_the_host_does_not_know_rada(synthetic_data_root, 
     assert result.returncode != 0
 
 
-def test_host_config_keys_keep_their_values():
+@pytest.fixture
+def plugin_in_this_process():
+    """rada_plugin loads our trainers a second time, as `rada_trainers`, and registers them with Dassl:
+    undone afterwards, or later tests in this process would build those copies, whose errors are not
+    the `trainers` package's UserFacingError that train.py reports."""
+    from dassl.engine import TRAINER_REGISTRY
+
+    registered = dict(TRAINER_REGISTRY._obj_map)
+    yield
+    TRAINER_REGISTRY._obj_map.clear()
+    TRAINER_REGISTRY._obj_map.update(registered)
+    for name in [name for name in sys.modules if name == "rada_plugin" or name.startswith("rada_trainers")]:
+        del sys.modules[name]
+
+
+def test_host_config_keys_keep_their_values(plugin_in_this_process):
     from yacs.config import CfgNode as CN
 
     import rada_plugin
