@@ -190,6 +190,7 @@ def main():
     sides = [(impl, classes) for classes in args.classes_list for impl in args.impls] + [("matmul", 0)]
     results = {side: {"times": [], "gflops": [], "extra_bytes": []} for side in sides}
     errors = {}
+    load_before = os.getloadavg()[0]  # the ratios depend on what else runs (bench/README.md)
     for round_index in range(args.rounds):
         for side in sides if round_index % 2 == 0 else sides[::-1]:
             result = measure(args, *side)
@@ -203,7 +204,8 @@ def main():
     mode = "forward + backward" if args.backward else "forward (no autograd)"
     print(f"RAda head: B={args.batch}, D={args.dim}, {args.heads} heads, {args.device} {args.dtype}, "
           f"{args.threads} threads, {mode}; {args.rounds} rounds x {args.repeats} runs, medians; "
-          f"fp32 matmul 4096^2: {matmul:.0f} GFLOP/s")
+          f"fp32 matmul 4096^2: {matmul:.0f} GFLOP/s; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     rows = []
     for classes in args.classes_list:
         dense = results.get(("dense", classes))
