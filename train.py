@@ -165,16 +165,12 @@ def make_output_dir(cfg):
 def check_run_record(cfg):
     """A folder that already holds a run made with other settings is not silently reused."""
     from trainers.core.errors import UserFacingError
-    from trainers.core.results import config_differences, flatten_config, read_run_record
+    from trainers.core.results import config_differences, flatten_config, other_settings_message, read_run_record
 
     stored = read_run_record(cfg.OUTPUT_DIR).get("config")
     changed = config_differences(stored, flatten_config(cfg)) if stored else []
     if changed:
-        raise UserFacingError(
-            f"{cfg.OUTPUT_DIR} holds a run made with other settings ({'; '.join(changed)}). Give this run another "
-            "--output-dir (the scripts: a new OUTPUT or CFG name), or delete that folder to run it again "
-            "(the scripts: FORCE=1)."
-        )
+        raise UserFacingError(other_settings_message(cfg.OUTPUT_DIR, changed))
 
 
 def _flush_log_per_line():

@@ -88,6 +88,11 @@ def test_changed_settings_are_refused_and_a_second_process_is_locked_out(synthet
     assert longer.returncode == 2 and "Traceback" not in longer.output
     assert "OPTIM.MAX_EPOCH: was 2, now 5" in longer.output and "TRAINER.RADA.ALPHA: was 0.0, now 0.1" in longer.output
     assert "--output-dir" in longer.output and "FORCE=1" in longer.output
+    # Without run.json (e.g. a folder of an older version), the checkpoint set's own record refuses it.
+    os.remove(os.path.join(run.train_dir, "run.json"))
+    unrecorded = run.train("OPTIM.MAX_EPOCH", "5")
+    assert unrecorded.returncode == 2 and "Traceback" not in unrecorded.output
+    assert "OPTIM.MAX_EPOCH: was 2, now 5" in unrecorded.output and "resuming it would mix" in unrecorded.output
 
     from trainers.core.run_lock import lock_run_dir
 

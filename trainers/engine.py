@@ -49,7 +49,7 @@ from .core.rada_head import rada_loss
 from .core.random_state import capture as capture_random_state
 from .core.random_state import restore as restore_random_state
 from .core.random_state import use_deterministic_algorithms
-from .core.results import backbone_identity, config_differences, flatten_config, result_line
+from .core.results import backbone_identity, config_differences, flatten_config, other_settings_message, result_line
 from .core.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -370,11 +370,8 @@ class CLIPTrainer(TrainerX):
         marker, paths = found
         changed = config_differences(marker.get("config", {}), flatten_config(self.cfg))
         if changed:
-            raise UserFacingError(
-                f"{directory} holds a run trained with other settings ({'; '.join(changed)}); resuming it would mix "
-                "the two (e.g. continue the old schedule). Give this run another --output-dir (the scripts: a new "
-                "OUTPUT or CFG name), or delete that folder to train again (the scripts: FORCE=1)."
-            )
+            raise UserFacingError(other_settings_message(
+                directory, changed, "; resuming it would mix the two (e.g. continue the old schedule)"))
         logger.info("Found checkpoint at %s (will resume training)", directory)
         for name in names:
             self._resume_module(name, paths[name])

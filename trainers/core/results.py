@@ -299,6 +299,14 @@ def config_differences(stored, current):
     return differences(stored, current, ignore=(*LOCATION_KEYS, *version_keys))
 
 
+def other_settings_message(run_dir, changed, why=""):
+    """What train.py says when `run_dir` holds a run whose settings differ (`changed`, from
+    config_differences) and so may not be reused or resumed; `why` adds the consequence."""
+    return (f"{run_dir} holds a run made with other settings ({'; '.join(changed)}){why}. Give this run another "
+            "--output-dir (the scripts: a new OUTPUT or CFG name), or delete that folder to run it again "
+            "(the scripts: FORCE=1).")
+
+
 def read_run_record(run_dir):
     """The run record of a folder, {} when it has none (runs of other tools or older versions)."""
     path = Path(run_dir) / RUN_RECORD
