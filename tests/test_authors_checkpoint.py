@@ -111,6 +111,46 @@ def test_eval_only_loads_an_authors_run_and_refuses_a_run_of_other_modules(synth
     assert "also holds trained prompt_learner, which RAda does not have" in refused.output
 
 
+class AuthorsBottleneck(nn.Module):
+    """Their adapter: fc = Linear (no bias), ReLU, Linear (no bias), ReLU."""
+
+    def __init__(self, width, reduction=4):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(width, width // reduction, bias=False), nn.ReLU(),
+                                nn.Linear(width // reduction, width, bias=False), nn.ReLU())
+
+
+def test_authors_adapter_run_gives_the_authors_adapted_features(clip_model, images, tmp_path):
+    """Their LP/ whole model (the adapter variants): frozen CLIP, fixed blend weights alpha and beta,
+    adapter_image / adapter_text and, with the head, mha. Ours takes the adapters' trained values."""
+    from dassl.utils import save_checkpoint
+
+    from trainers.core.adapters import FeatureAdapter
+
+    width = clip_model.text_projection.shape[1]
+    torch.manual_seed(4)
+    authors = AuthorsShapedModel(clip_model, RAdaHead(width, num_heads=8))
+    authors.alpha, authors.beta = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.tensor(0.5))
+    authors.adapter_image, authors.adapter_text = AuthorsBottleneck(width), AuthorsBottleneck(width)
+    save_checkpoint({"state_dict": authors.state_dict(), "epoch": 5, "optimizer": None, "scheduler": None},
+                    save_dir=str(tmp_path / "LP"), model_name="model.pth.tar-5")
+    path = str(tmp_path / "LP" / "model.pth.tar-5")
+    whole = read_checkpoint(path)["state_dict"]
+
+    ours = FeatureAdapter(width, ratio=0.5)
+    part, sources = module_part(whole, "adapter", path)
+    assert sources == ["adapter_image.*", "adapter_text.*"]
+    load_weights(ours, part, path)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, whole[key]), key
+    with torch.no_grad():
+        image_features = clip_model.encode_image(images)
+        adapted, _ = ours(image_features, image_features)
+        # Their blend with alpha 0.5: the same direction as ours once normalised.
+        theirs = 0.5 * authors.adapter_image.fc(image_features) + 0.5 * image_features
+    torch.testing.assert_close(F.normalize(adapted, dim=-1), F.normalize(theirs, dim=-1))
+
+
 @pytest.mark.parametrize("folder", ["RAda", "LP", "MultiModalPromptLearner"])
 def test_adapter_and_maple_runs_map_their_parts(folder, tmp_path):
     (tmp_path / folder).mkdir()
