@@ -21,12 +21,14 @@ Parts (one table, a row each):
 - ttt: one image of test-time training at K=1000 (64 views), ours vs TPT's loop (bench/ttt.py);
 - demo: scripts/rada/demo.sh end to end on the device (one seed, two epochs), which must pass.
 
-Exit status 1 when a check fails. `--device cpu --small` runs every part but the demo at toy sizes
+Exit status 1 when a check fails. An error in a case becomes a FAILED row (its traceback on
+stderr) and the other cases still run, so that one GPU session gets the whole table. `--device cpu --small` runs every part but the demo at toy sizes
 (the test suite runs it so that this script does not rot), with PREC fp16 and amp in real half
 precision on the CPU where this torch has the kernels, so that their checks run there too.
 """
 
 import argparse
+import contextlib
 import copy
 import functools
 import os
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +79,20 @@ class Table:
         from tabulate import tabulate
 
         print(tabulate(self.rows, headers=self.HEADERS, tablefmt="github"))
+
+
+@contextlib.contextmanager
+def failures_reported(table, part, case):
+    """An exception inside becomes a FAILED row (its traceback on stderr) and the check goes on, so
+    that one GPU run still gives every other row."""
+    try:
+        yield
+    except Exception as error:  # any failure is a result to report
+        traceback.print_exc()
+        message = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        table.add(part, case, check=f"{type(error).__name__}: {message}", ok=False)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def mib(value):
@@ -287,36 +304,41 @@ def check_training(table, size, device, base_clip):
     for trainer, modes in TRAIN_CASES:
         for mode in modes:
             case = f"{trainer} PREC {mode} B={size.train_batch} K={size.train_classes}"
-            model, trainable, precision, step = training_setup(trainer, mode, size, device, base_clip)
-            seen = {}
-            encode = model.encode
+            with failures_reported(table, "train", case):
+                check_training_case(table, case, trainer, mode, size, device, base_clip)
 
-            def recording_encode(batch, encode=encode, seen=seen):
-                image_features, text_features = encode(batch)
-                seen.setdefault("dtype", image_features.dtype)
-                return image_features, text_features
 
-            # The first step makes one-time moves (OpenAI CLIP moves each block's attention mask to the
-            # device on first use); the watched second step must touch no CPU tensor at all.
-            step()
-            model.encode = recording_encode  # the classifier's forward calls self.encode
-            watch = HostTensorWatch()
-            with watch:
-                step()
-            del model.encode
-            for _ in range(size.warmup - 2):
-                step()
-            meter = PeakMeter(device.type)
-            meter.reset()
-            seconds = statistics.median(timings(step, size.repeats, device.type))
-            peak = meter.extra()
-            problems = precision_problems(model, trainable, precision, seen.get("dtype"))
-            if device.type == "cuda" and watch.operations:
-                problems.append(f"CPU tensors in {', '.join(sorted(watch.operations)[:3])}")
-            claim = f"CLIP {precision.mode}, trainables fp32" + (", no CPU tensors" if device.type == "cuda" else "")
-            table.add("train", case, fwd_bwd=f"{seconds * 1e3:.1f}", peak=mib(peak),
-                      throughput=f"{1 / seconds:.2f} it/s", check="; ".join(problems) or claim, ok=not problems)
-            del model, trainable, step
+def check_training_case(table, case, trainer, mode, size, device, base_clip):
+    """One row of the train part: a trainer's step under one PREC, timed and checked."""
+    model, trainable, precision, step = training_setup(trainer, mode, size, device, base_clip)
+    seen = {}
+    encode = model.encode
+
+    def recording_encode(batch, encode=encode, seen=seen):
+        image_features, text_features = encode(batch)
+        seen.setdefault("dtype", image_features.dtype)
+        return image_features, text_features
+
+    # The first step makes one-time moves (OpenAI CLIP moves each block's attention mask to the
+    # device on first use); the watched second step must touch no CPU tensor at all.
+    step()
+    model.encode = recording_encode  # the classifier's forward calls self.encode
+    watch = HostTensorWatch()
+    with watch:
+        step()
+    del model.encode
+    for _ in range(size.warmup - 2):
+        step()
+    meter = PeakMeter(device.type)
+    meter.reset()
+    seconds = statistics.median(timings(step, size.repeats, device.type))
+    peak = meter.extra()
+    problems = precision_problems(model, trainable, precision, seen.get("dtype"))
+    if device.type == "cuda" and watch.operations:
+        problems.append(f"CPU tensors in {', '.join(sorted(watch.operations)[:3])}")
+    claim = f"CLIP {precision.mode}, trainables fp32" + (", no CPU tensors" if device.type == "cuda" else "")
+    table.add("train", case, fwd_bwd=f"{seconds * 1e3:.1f}", peak=mib(peak),
+              throughput=f"{1 / seconds:.2f} it/s", check="; ".join(problems) or claim, ok=not problems)
 
 
 def check_determinism(table, size, device, base_clip):
@@ -445,21 +467,19 @@ def main():
     print(f"gpu_check: {name}, torch {torch.__version__}, {'small sizes' if args.small else 'full sizes'}")
     table = Table()
     start = time.perf_counter()
-    if "head" in args.parts:
-        check_head(table, size, device)
-    if {"train", "determinism", "eval"} & set(args.parts):
-        base_clip = build_clip(args.small)
-        if "train" in args.parts:
-            check_training(table, size, device, base_clip)
-        if "determinism" in args.parts:
-            check_determinism(table, size, device, base_clip)
-        if "eval" in args.parts:
-            check_evaluation(table, size, device, base_clip)
-        del base_clip
-    if "ttt" in args.parts:
-        check_ttt(table, size, device)
-    if "demo" in args.parts and not args.small:
-        check_demo(table, device)
+    base_clip = build_clip(args.small) if {"train", "determinism", "eval"} & set(args.parts) else None
+    checks = {
+        "head": lambda: check_head(table, size, device),
+        "train": lambda: check_training(table, size, device, base_clip),
+        "determinism": lambda: check_determinism(table, size, device, base_clip),
+        "eval": lambda: check_evaluation(table, size, device, base_clip),
+        "ttt": lambda: check_ttt(table, size, device),
+        "demo": lambda: check_demo(table, device),
+    }
+    for part in PARTS:
+        if part in args.parts and not (part == "demo" and args.small):
+            with failures_reported(table, part, "(this part stopped here)"):
+                checks[part]()
     table.print()
     print(f"gpu_check: {time.perf_counter() - start:.0f} s, "
           + (f"{len(table.failures)} check(s) FAILED" if table.failures else "all checks passed"))

@@ -33,3 +33,15 @@ def test_gpu_check_runs_its_cpu_parts_and_passes_every_check():
             assert train_rows and all(f"CLIP {mode}, trainables fp32" in line for line in train_rows), mode
     assert any("bitwise equal (head: fused)" in line for line in table), result.stdout  # on the CPU: fused
     assert "all checks passed" in result.stdout
+
+
+def test_a_failing_case_becomes_a_failed_row_and_the_check_goes_on(capsys):
+    from bench.gpu_check import Table, failures_reported
+
+    table = Table()
+    with failures_reported(table, "train", "RAdaCoOp PREC fp16"):
+        raise RuntimeError("expected scalar type Half but found Float\nmore detail")
+    table.add("train", "RAda PREC fp16", check="CLIP fp16, trainables fp32")
+    assert table.failures == ["train RAdaCoOp PREC fp16: RuntimeError: expected scalar type Half but found Float"]
+    assert [row[1] for row in table.rows] == ["RAdaCoOp PREC fp16", "RAda PREC fp16"]
+    assert "Traceback" in capsys.readouterr().err  # for diagnosis, beside the table
