@@ -46,3 +46,28 @@ def test_auto_leaves_the_cuda_kernel_when_its_backward_would_not_be_deterministi
     assert auto.uses_fused_attention("cuda", torch.float32) == auto_on_cuda
     assert auto.uses_fused_attention("cpu", torch.float32)  # the CPU kernel's backward is deterministic
     assert fused.uses_fused_attention("cuda", torch.float32)  # forced by the user: kept
+
+
+@pytest.mark.parametrize("impl", ["blocked", "fused"])
+def test_deterministic_mode_leaves_the_heads_results_unchanged(torch_switches, impl):
+    """In deterministic mode torch fills new tensors with NaN, so a read of a buffer before it is
+    written would show; the blocked loop, which CUDA uses then, reuses scratch buffers."""
+    torch.manual_seed(0)
+    head = RAdaHead(64, 8, attention_impl=impl, block_elements=1 << 12)  # small blocks: many buffer reuses
+    for param in head.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    image = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1).requires_grad_()
+    text = torch.nn.functional.normalize(torch.randn(37, 64), dim=-1).requires_grad_()
+
+    def values_and_gradients():
+        image.grad = text.grad = None
+        head.zero_grad()
+        logits, mask = head(image, text, 50.0)
+        (logits.sum() + mask.square().mean()).backward()
+        return [logits.detach(), mask.detach(), image.grad, text.grad, *(p.grad for p in head.parameters())]
+
+    expected = values_and_gradients()
+    use_deterministic_algorithms()
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    actual = values_and_gradients()
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
