@@ -72,7 +72,8 @@ class FineTuneTrainer(CLIPTrainer):
         self.imagenet_subset = None
         if cfg.TRAINER.FT.IMAGENET_SUBSET_EVAL:
             self.imagenet_subset = getattr(self.dm.dataset, "imagenet_subset", None)
-        self.subset_index = None if self.imagenet_subset is None else subset_index(self.imagenet_subset.members)
+        self.subset_index = None if self.imagenet_subset is None else subset_index(
+            self.imagenet_subset.members).to(self.device)  # on the logits' device: no copy per batch
 
     # ---- model --------------------------------------------------------------------------------
     def build_head(self):
