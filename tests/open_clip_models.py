@@ -89,5 +89,11 @@ def save_siglip_style(folder):
     return save(folder, SIGLIP_STYLE, SIGLIP_PREPROCESS)
 
 
+def save_both_styles(root):
+    """{"clip": folder, "siglip": folder} of the two tiny models saved under root."""
+    return {"clip": save_clip_style(os.path.join(root, "clip-style")),
+            "siglip": save_siglip_style(os.path.join(root, "siglip-style"))}
+
+
 def backbone_name(folder):
     return f"open_clip:local-dir:{folder}"

@@ -24,11 +24,7 @@ STYLES = ["clip", "siglip"]
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("open_clip")
-    return {
-        "clip": open_clip_models.save_clip_style(str(root / "clip-style")),
-        "siglip": open_clip_models.save_siglip_style(str(root / "siglip-style")),
-    }
+    return open_clip_models.save_both_styles(str(tmp_path_factory.mktemp("open_clip")))
 
 
 @pytest.fixture(scope="module")

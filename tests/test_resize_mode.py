@@ -139,11 +139,7 @@ def dassl_test_transform(cfg):
 
 @pytest.fixture(scope="module")
 def open_clip_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("open_clip")
-    return {
-        "clip": open_clip_models.save_clip_style(str(root / "clip-style")),
-        "siglip": open_clip_models.save_siglip_style(str(root / "siglip-style")),
-    }
+    return open_clip_models.save_both_styles(str(tmp_path_factory.mktemp("open_clip")))
 
 
 @requires_dassl
