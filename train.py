@@ -210,8 +210,8 @@ def run(args):
     else:  # one log.txt and one console output; the other processes' errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
-        torch.backends.cudnn.benchmark = True  # as Dassl's train.py; DETERMINISTIC turns it off
+    if torch.cuda.is_available() and cfg.USE_CUDA:
+        torch.backends.cudnn.benchmark = True  # as Dassl's train.py; the trainer turns it off under DETERMINISTIC
     print("Arguments:", " ".join(sys.argv[1:]))
     print("Config:\n" + str(cfg))
     print("Environment:\n" + collect_env_info())
