@@ -205,13 +205,9 @@ def test_host_config_keys_keep_their_values(plugin_in_this_process):
     from yacs.config import CfgNode as CN
 
     import rada_plugin
+    from trainers.config import dassl_nodes
 
-    cfg = CN()
-    cfg.DATASET = CN()
-    cfg.INPUT = CN()
-    cfg.MODEL = CN()
-    cfg.MODEL.BACKBONE = CN()
-    cfg.TRAINER = CN()
+    cfg = dassl_nodes()  # a host's config: Dassl's nodes and its own keys
     cfg.TRAINER.COOP = CN()
     cfg.TRAINER.COOP.N_CTX = 4  # a host default that differs from ours
     cfg.TRAINER.COOP.HOST_ONLY = True

@@ -9,12 +9,11 @@ import copy
 
 import pytest
 import torch
-from yacs.config import CfgNode as CN
 
 from tests.dense_rada import dense_reference
 from tests.test_rada_head import CASES, normalized, random_head, relative_error
 from trainers.config import ATTENTION_IMPLS as config_attention_impls
-from trainers.config import check_values, defaults, extend_cfg
+from trainers.config import check_values, defaults
 from trainers.core import rada_head as rada_head_module
 from trainers.core.errors import UserFacingError
 from trainers.core.rada_head import RAdaHead, fused_attention_available, rada_head
@@ -156,10 +155,7 @@ def test_auto_survives_a_failing_kernel_where_fallback_is_allowed(monkeypatch, c
 
 
 def test_config_key_reaches_the_head_and_rejects_unknown_values():
-    cfg = CN()
-    cfg.DATASET, cfg.INPUT, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+    cfg = defaults()
     assert cfg.TRAINER.RADA.ATTENTION_IMPL == "auto"
     cfg.TRAINER.RADA.ATTENTION_IMPL = "blocked"
     assert rada_head(cfg, 16).attention_impl == "blocked"

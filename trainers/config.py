@@ -210,15 +210,20 @@ def rule_of(key):
     return dict(VALUE_RULES).get(key)
 
 
-def defaults():
-    """Our keys at their defaults (without Dassl's)."""
+def dassl_nodes():
+    """An empty config with the nodes of Dassl's config that extend_cfg adds keys to."""
     skeleton = CN()
     skeleton.DATASET = CN()
     skeleton.INPUT = CN()
     skeleton.MODEL = CN()
     skeleton.MODEL.BACKBONE = CN()
     skeleton.TRAINER = CN()
-    return extend_cfg(skeleton)
+    return skeleton
+
+
+def defaults():
+    """Our keys at their defaults (without Dassl's)."""
+    return extend_cfg(dassl_nodes())
 
 
 def check_values(cfg, prec_node=None):
