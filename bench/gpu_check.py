@@ -344,13 +344,11 @@ def check_training_case(table, case, trainer, mode, size, device, base_clip):
 def check_determinism(table, size, device, base_clip):
     """DETERMINISTIC: RAdaCoOp under PREC amp, trained twice for a few steps from the same start, must
     end in bitwise-equal weights (the head then takes its blocked attention on CUDA)."""
-    from trainers.core.random_state import use_deterministic_algorithms
+    from trainers.core.random_state import torch_switches_restored, use_deterministic_algorithms
 
     steps = max(size.warmup, 2)
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    use_deterministic_algorithms()
-    try:
+    with torch_switches_restored():
+        use_deterministic_algorithms()
         states, seconds = [], []
         for _ in range(2):
             model, trainable, _, step = training_setup("RAdaCoOp", "amp", size, device, base_clip)
@@ -364,10 +362,6 @@ def check_determinism(table, size, device, base_clip):
             states.append({f"{name}.{key}": value.detach().clone() for name, module in trainable.items()
                            for key, value in module.state_dict().items()})
             del model, trainable, step
-    finally:
-        benchmark, deterministic, enabled, warn_only = saved
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     differing = [key for key, value in states[0].items() if not torch.equal(value, states[1][key])]
     check = (f"{len(differing)} tensor(s) differ, e.g. {differing[0]}" if differing
              else f"2 runs of {steps} steps bitwise equal (head: {impl})")

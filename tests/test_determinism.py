@@ -8,18 +8,14 @@ import pytest
 import torch
 
 from trainers.core.rada_head import RAdaHead
-from trainers.core.random_state import CUBLAS_WORKSPACE, use_deterministic_algorithms
+from trainers.core.random_state import CUBLAS_WORKSPACE, torch_switches_restored, use_deterministic_algorithms
 
 
 @pytest.fixture
 def torch_switches(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    yield
-    benchmark, deterministic, enabled, warn_only = saved
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    with torch_switches_restored():
+        yield
 
 
 def test_deterministic_sets_every_switch(torch_switches):

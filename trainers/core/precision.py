@@ -11,6 +11,7 @@ a warning.
 """
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -65,6 +66,7 @@ def autocast_enabled(device_type):
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+@functools.cache  # a property of the installed torch: probed once per process
 def cpu_runs_half_precision():
     """Whether this torch has the CPU kernels the fp16 paths need (convolution, fp16 autocast)."""
     try:

@@ -5,6 +5,7 @@ Dassl's loaders shuffle with torch's global generator (its RandomSampler has non
 seed their workers from it; a sampler or loader given its own `torch.Generator` is saved too.
 """
 
+import contextlib
 import logging
 import os
 import random
@@ -73,3 +74,17 @@ def use_deterministic_algorithms():
     torch.use_deterministic_algorithms(True, warn_only=True)
     logger.info("DETERMINISTIC: deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
                 os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
+@contextlib.contextmanager
+def torch_switches_restored():
+    """Puts cuDNN's and torch's determinism switches back as they were on leaving, for checks that
+    turn deterministic algorithms on inside one process (bench/gpu_check.py, the tests)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        yield
+    finally:
+        benchmark, deterministic, enabled, warn_only = saved
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
