@@ -56,7 +56,7 @@ def setup_cfg(args):
     from dassl.config import get_cfg_default
 
     from trainers.config import extend_cfg, rule_of, widen_whole_numbers
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     cfg = get_cfg_default()
     extend_cfg(cfg)
@@ -126,7 +126,7 @@ def check_names_and_values(cfg, trainer_registry, dataset_registry):
     """What must hold before the trainer is built: a known trainer and dataset, and every value in its range
     (trainers/config.py VALUE_RULES, and the PREC key the trainer reads)."""
     from trainers.config import check_values
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     trainers = sorted(trainer_registry.registered_names())
     if not cfg.TRAINER.NAME:
@@ -151,7 +151,7 @@ def _close_matches(name, choices):
 
 
 def make_output_dir(cfg):
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     try:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -164,8 +164,8 @@ def make_output_dir(cfg):
 
 def check_run_record(cfg):
     """A folder that already holds a run made with other settings is not silently reused."""
-    from trainers.core.errors import UserFacingError
-    from trainers.core.results import config_differences, flatten_config, other_settings_message, read_run_record
+    from trainers.errors import UserFacingError
+    from trainers.runs.results import config_differences, flatten_config, other_settings_message, read_run_record
 
     stored = read_run_record(cfg.OUTPUT_DIR).get("config")
     changed = config_differences(stored, flatten_config(cfg)) if stored else []
@@ -188,9 +188,9 @@ def run(args):
     from dassl.engine import build_trainer
     from dassl.utils import collect_env_info, set_random_seed, setup_logger
 
-    from trainers.core import distributed
-    from trainers.core.results import flatten_config, write_run_record
-    from trainers.core.run_lock import lock_run_dir
+    from trainers.runs import distributed
+    from trainers.runs.results import flatten_config, write_run_record
+    from trainers.runs.run_lock import lock_run_dir
 
     cfg = setup_cfg(args)
     register_all(cfg)
@@ -235,7 +235,7 @@ def main(argv=None):
         print(f"error: {DASSL_INSTALL}", file=sys.stderr)
         return 2
     from datasets.errors import DatasetError
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     try:
         run(args)

@@ -1,4 +1,4 @@
-"""Throughput of a data-parallel training step: 1 process against N (trainers/core/distributed.py).
+"""Throughput of a data-parallel training step: 1 process against N (trainers/runs/distributed.py).
 
 One step = forward, loss, backward (gradients all-reduced by DistributedDataParallel across the
 processes) and the optimiser step, on one global batch split evenly over the processes, as
@@ -29,10 +29,10 @@ CLASSES = [f"class {index}" for index in range(10)]
 
 def build(workload, device):
     """(classifier, trained modules) of a workload on the tiny CLIP, in float32."""
-    from trainers.core.model import CLIPClassifier
-    from trainers.core.prompts import CoOpPromptLearner, FixedPrompts
-    from trainers.core.rada_head import RAdaHead
-    from trainers.core.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
+    from trainers.model.classifier import CLIPClassifier
+    from trainers.model.prompts import CoOpPromptLearner, FixedPrompts
+    from trainers.model.rada_head import RAdaHead
+    from trainers.model.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
 
     clip_model = build_tiny_clip().float()
     head = RAdaHead(TINY_EMBED_DIM)
@@ -53,7 +53,7 @@ def measure(rank, world, port, workload, batch, steps, device, threads, out_dir)
     import torch
     from torch.nn import functional as F
 
-    from trainers.core import distributed
+    from trainers.runs import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -108,7 +108,7 @@ def synchronize(device):
 def head_errors(impl, size, classes, device):
     """Relative errors of logits and input gradients of impl in fp32 against the dense head in float64."""
     from tests.dense_rada import dense_reference
-    from trainers.core.rada_head import RAdaHead
+    from trainers.model.rada_head import RAdaHead
 
     torch.manual_seed(0)
     head = RAdaHead(size.dim, num_heads=size.heads, attention_impl=impl).to(device)
@@ -129,7 +129,7 @@ def head_errors(impl, size, classes, device):
 
 
 def check_head(table, size, device):
-    from trainers.core.rada_head import fused_attention_available
+    from trainers.model.rada_head import fused_attention_available
 
     for classes in size.classes_list:
         for dtype_name, dtype in DTYPES.items():
@@ -166,7 +166,7 @@ def build_clip(small):
     """A random CLIP: the tiny test CLIP (--small) or a full-size ViT-B/16, float32, on the CPU."""
     from clip.model import CLIP
 
-    from trainers.core.tiny_clip import build_tiny_clip
+    from trainers.model.tiny_clip import build_tiny_clip
 
     torch.manual_seed(0)
     if small:
@@ -193,12 +193,12 @@ def base_cfg(small):
 
 def compose(trainer, cfg, clip_model, classnames):
     """(classifier, trainable modules) as the trainer of that name composes them (trainers/*_trainers.py)."""
-    from trainers.core.adapters import FeatureAdapter
-    from trainers.core.clip_loader import clip_signature
-    from trainers.core.maple import MaPLeClassifier, maple_prompt_learner
-    from trainers.core.model import CLIPClassifier
-    from trainers.core.prompts import FixedPrompts, coop_prompt_learner
-    from trainers.core.rada_head import rada_head
+    from trainers.model.adapters import FeatureAdapter
+    from trainers.model.backbones.openai_loader import clip_signature
+    from trainers.model.classifier import CLIPClassifier
+    from trainers.model.maple import MaPLeClassifier, maple_prompt_learner
+    from trainers.model.prompts import FixedPrompts, coop_prompt_learner
+    from trainers.model.rada_head import rada_head
 
     width = clip_signature(clip_model)["embed_dim"]
     head = rada_head(cfg, width)
@@ -264,7 +264,7 @@ def precision_problems(model, trainable, precision, activation_dtype):
 
 def train_step(model, precision, optimizer, scaler, images, labels):
     """One step as CLIPTrainer.forward_backward takes it (trainers/engine.py)."""
-    from trainers.core.rada_head import rada_loss
+    from trainers.model.rada_head import rada_loss
 
     with precision.autocast():
         output = model(images)
@@ -278,7 +278,7 @@ def train_step(model, precision, optimizer, scaler, images, labels):
 def training_setup(trainer, mode, size, device, base_clip):
     """(model, trainable modules, precision, step) of one training step of `trainer` under PREC `mode`,
     on fixed images and labels; the classifier and optimiser are built as the trainer builds them."""
-    from trainers.core.precision import Precision, cpu_runs_half_precision
+    from trainers.model.precision import Precision, cpu_runs_half_precision
 
     classnames = [f"class {i}" for i in range(size.train_classes)]
     resolution = base_clip.visual.input_resolution
@@ -344,7 +344,7 @@ def check_training_case(table, case, trainer, mode, size, device, base_clip):
 def check_determinism(table, size, device, base_clip):
     """DETERMINISTIC: RAdaCoOp under PREC amp, trained twice for a few steps from the same start, must
     end in bitwise-equal weights (the head then takes its blocked attention on CUDA)."""
-    from trainers.core.random_state import torch_switches_restored, use_deterministic_algorithms
+    from trainers.runs.random_state import torch_switches_restored, use_deterministic_algorithms
 
     steps = max(size.warmup, 2)
     with torch_switches_restored():
@@ -371,7 +371,7 @@ def check_determinism(table, size, device, base_clip):
 
 
 def check_evaluation(table, size, device, base_clip):
-    from trainers.core.precision import Precision, cpu_runs_half_precision
+    from trainers.model.precision import Precision, cpu_runs_half_precision
 
     precision = Precision("fp16", device, half_on_cpu=cpu_runs_half_precision())
     cfg = base_cfg(size.batch < 32)
@@ -452,7 +452,7 @@ def main():
               file=sys.stderr)
         return 2
     if "determinism" in args.parts:  # cuBLAS reads its workspace setting once, before the first product
-        from trainers.core.random_state import CUBLAS_WORKSPACE
+        from trainers.runs.random_state import CUBLAS_WORKSPACE
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     device = torch.device(args.device)

@@ -12,7 +12,7 @@ load from other processes hits every side alike.
     python bench/head.py --backward           # forward + backward (training step)
 
 Sides: "blocked" and "fused" are the head's two attention implementations (see
-trainers/core/rada_head.py), "dense" the spec written out literally (tests/dense_rada.py).
+trainers/model/rada_head.py), "dense" the spec written out literally (tests/dense_rada.py).
 GFLOP/s counts the spec's arithmetic (the same count for every side; the backward pass
 counted as twice the forward, recomputation not counted), against the measured matmul rate.
 
@@ -101,7 +101,7 @@ def head_step(impl, batch, classes, dim, heads, device, dtype, backward):
 
     sys.path.insert(0, ROOT)
     from tests.dense_rada import dense_reference
-    from trainers.core.rada_head import RAdaHead
+    from trainers.model.rada_head import RAdaHead
 
     torch.manual_seed(0)
     device = torch.device(device)

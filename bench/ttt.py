@@ -4,7 +4,7 @@ Both sides start from the same encoded views (the original and 63 random views, 
 same class text features, adapt the head for STEPS steps with AdamW, predict the original and
 reset. The image encoder is left out: it is frozen and encodes the views once on both sides.
 
-- ours: `trainers.core.ttt.TestTimeAdapter`. The 64 views are ranked by entropy without autograd;
+- ours: `trainers.model.ttt.TestTimeAdapter`. The 64 views are ranked by entropy without autograd;
   only the 10% kept (6) go through the head again with a graph, so the backward pass covers 6
   views.
 - TPT's loop, written out as TPT applies it to its learnable prompt: every step classifies all
@@ -35,9 +35,9 @@ def build_classifier(classes, dim, heads, device):
     import torch
     from clip.model import CLIP
 
-    from trainers.core.model import CLIPClassifier
-    from trainers.core.prompts import FixedPrompts
-    from trainers.core.rada_head import RAdaHead
+    from trainers.model.classifier import CLIPClassifier
+    from trainers.model.prompts import FixedPrompts
+    from trainers.model.rada_head import RAdaHead
 
     clip_model = CLIP(embed_dim=dim, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
                       context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
@@ -57,7 +57,7 @@ def tpt_loop(classifier, optimizer, image_features, steps, fraction):
     """TPT's test_time_tuning with the head as the adapted module, then the prediction and reset."""
     import torch
 
-    from trainers.core.ttt import marginal_entropy, num_confident, view_entropy
+    from trainers.model.ttt import marginal_entropy, num_confident, view_entropy
 
     initial = [p.detach().clone() for p in classifier.head.parameters()]
     state = optimizer.state_dict()
@@ -84,7 +84,7 @@ def worker(args):
     import torch
     from torch.nn import functional as F
 
-    from trainers.core.ttt import TestTimeAdapter
+    from trainers.model.ttt import TestTimeAdapter
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

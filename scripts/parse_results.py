@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
-from trainers.core.results import (  # noqa: E402  (the results contract: layout, logs, re-run hints)
+from trainers.runs.results import (  # noqa: E402  (the results contract: layout, logs, re-run hints)
     ALL_SHOTS,
     OPENAI_DEFAULT_BACKBONE,
     PART,

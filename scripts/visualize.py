@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def main(argv=None):
     own, rest = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     try:
         if own.curves:
@@ -79,7 +79,7 @@ def main(argv=None):
 
 def draw_curves(own):
     from figures.curves import NoEventFilesError, plot_training_curves
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     out = Path(own.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,14 +96,14 @@ def build_trainer(args):
     try:
         import dassl  # noqa: F401
     except ImportError:
-        from trainers.core.errors import UserFacingError
+        from trainers.errors import UserFacingError
 
         raise UserFacingError(train.DASSL_INSTALL) from None
     from dassl.engine import build_trainer as dassl_build_trainer
     from dassl.utils import set_random_seed
 
-    from trainers.core.errors import UserFacingError
-    from trainers.core.rada_head import RAdaHead
+    from trainers.errors import UserFacingError
+    from trainers.model.rada_head import RAdaHead
     from trainers.ttt_trainers import TEST_TIME_TRAINERS
 
     if not args.trainer:
@@ -177,7 +177,7 @@ def accumulate_mask_statistics(trainer, probe, max_images=0):
 
 def chosen_indices(trainer, selection):
     """Test-set indices of --images: a count spread over the test set, or the given image paths."""
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     items = trainer.test_loader.dataset.data_source
     selection = selection or [str(DEFAULT_IMAGES)]

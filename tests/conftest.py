@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.image_trees import write_class_folders, write_images  # noqa: F401  (re-exported for tests)
-from trainers.core.precision import cpu_runs_half_precision
-from trainers.core.tiny_clip import save_tiny_clip
+from trainers.model.precision import cpu_runs_half_precision
+from trainers.model.tiny_clip import save_tiny_clip
 
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 
@@ -43,7 +43,7 @@ def tiny_clip_torchscript_path(tmp_path_factory):
 @pytest.fixture
 def clip_model(tiny_clip_path):
     """The tiny ViT CLIP loaded through the project's loader, in float32."""
-    from trainers.core.clip_loader import load_clip
+    from trainers.model.backbones.openai_loader import load_clip
 
     return load_clip(str(tiny_clip_path)).float()
 

@@ -1,6 +1,6 @@
 """A copy of scripts/rada/ in a fake repository, with configs written by the test and a stub
 `python` first on PATH that records the train.py command line instead of running it (the
-scripts' questions to trainers.core.results, `python -m ...`, go to the real interpreter)."""
+scripts' questions to trainers.runs.results, `python -m ...`, go to the real interpreter)."""
 
 import os
 import shutil
@@ -20,8 +20,8 @@ def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  M
     (root / "scripts").mkdir(parents=True)
     shutil.copytree(REPO / "scripts" / "rada", root / "scripts" / "rada")
     shutil.copy(REPO / "scripts" / "setup_env.sh", root / "scripts")
-    for module in ("trainers/__init__.py", "trainers/core/__init__.py", "trainers/core/errors.py",
-                   "trainers/core/results.py"):
+    for module in ("trainers/__init__.py", "trainers/runs/__init__.py", "trainers/errors.py",
+                   "trainers/runs/results.py"):
         (root / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / module, root / module)
     (root / "configs" / "datasets").mkdir(parents=True)

@@ -7,13 +7,13 @@ from clip.model import convert_weights
 from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half, requires_dassl
-from trainers.core.adapters import Bottleneck, FeatureAdapter
-from trainers.core.checkpoint import load_weights
-from trainers.core.clip_loader import load_clip
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import FixedPrompts, zero_shot_template
-from trainers.core.rada_head import RAdaHead
-from trainers.core.tiny_clip import TINY_EMBED_DIM
+from trainers.model.adapters import Bottleneck, FeatureAdapter
+from trainers.model.backbones.openai_loader import load_clip
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.prompts import FixedPrompts, zero_shot_template
+from trainers.model.rada_head import RAdaHead
+from trainers.model.tiny_clip import TINY_EMBED_DIM
+from trainers.runs.checkpoint import load_weights
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 TEMPLATE = "a photo of a {}."
@@ -178,7 +178,7 @@ def test_bad_adapter_settings_are_refused_before_anything_is_built(key, value, m
     from dassl.engine import TRAINER_REGISTRY
 
     import trainers.register  # noqa: F401
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     cfg = merged_cfg("configs/trainers/RAdaAdapter/vit_b16_ep5.yaml")
     cfg.merge_from_list([key, value])
@@ -194,7 +194,7 @@ def test_bad_adapter_settings_are_refused_before_anything_is_built(key, value, m
 ])
 def test_values_of_another_type_are_refused_by_yacs_with_the_key(key, value, message):
     import train
-    from trainers.core.errors import UserFacingError
+    from trainers.errors import UserFacingError
 
     args = train.parse_args(["--config-file", "configs/trainers/RAdaAdapter/vit_b16_ep5.yaml", key, value])
     with pytest.raises(UserFacingError, match=re.escape(message)):

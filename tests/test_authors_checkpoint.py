@@ -14,7 +14,11 @@ from torch.nn import functional as F
 from tests.conftest import requires_dassl
 from tests.dense_rada import dense_reference
 from tests.train_harness import TrainRun
-from trainers.core.checkpoint import (
+from trainers.model.backbones.openai_loader import load_clip
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.prompts import FixedPrompts
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.checkpoint import (
     authors_run_folder,
     frozen_differences,
     load_weights,
@@ -22,10 +26,6 @@ from trainers.core.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from trainers.core.clip_loader import load_clip
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import FixedPrompts
-from trainers.core.rada_head import RAdaHead
 
 pytestmark = requires_dassl
 CLASSES = ["red circle", "blue square", "green triangle"]
@@ -125,7 +125,7 @@ def test_authors_adapter_run_gives_the_authors_adapted_features(clip_model, imag
     adapter_image / adapter_text and, with the head, mha. Ours takes the adapters' trained values."""
     from dassl.utils import save_checkpoint
 
-    from trainers.core.adapters import FeatureAdapter
+    from trainers.model.adapters import FeatureAdapter
 
     width = clip_model.text_projection.shape[1]
     torch.manual_seed(4)

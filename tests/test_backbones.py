@@ -8,14 +8,14 @@ from torch.nn import functional as F
 from tests import open_clip_models
 from tests.conftest import requires_dassl
 from tests.train_harness import TrainRun
-from trainers.core.backbones import BackboneError, follow_preprocess, load_backbone
-from trainers.core.checkpoint import read_checkpoint, write_checkpoint
-from trainers.core.errors import CheckpointError
-from trainers.core.finetune import flyp_loss
-from trainers.core.maple import MaPLeClassifier, MaPLePromptLearner
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import CoOpPromptLearner, FixedPrompts, fill_template
-from trainers.core.rada_head import RAdaHead
+from trainers.errors import CheckpointError
+from trainers.model.backbones import BackboneError, follow_preprocess, load_backbone
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.finetune import flyp_loss
+from trainers.model.maple import MaPLeClassifier, MaPLePromptLearner
+from trainers.model.prompts import CoOpPromptLearner, FixedPrompts, fill_template
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.checkpoint import read_checkpoint, write_checkpoint
 
 CLASSES = ["red_circle", "blue square", "golden retriever", "cat"]
 TEMPLATE = "a photo of a {}."
@@ -166,7 +166,7 @@ def test_a_pretrained_tags_resize_mode_reaches_the_backbone(arch, tag, mode):
     from open_clip.pretrained import get_pretrained_cfg
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    from trainers.core.backbones.open_clip_backend import _preprocess
+    from trainers.model.backbones.open_clip_backend import _preprocess
 
     settled = merge_preprocess_dict(asdict(PreprocessCfg()), get_pretrained_cfg(arch, tag))
     assert _preprocess(SimpleNamespace(preprocess_cfg=settled)).resize_mode == mode
@@ -175,7 +175,7 @@ def test_a_pretrained_tags_resize_mode_reaches_the_backbone(arch, tag, mode):
 def test_a_timm_image_tower_works_without_deep_vision_prompts():
     import open_clip
 
-    from trainers.core.backbones.open_clip_backend import OpenCLIPBackbone
+    from trainers.model.backbones.open_clip_backend import OpenCLIPBackbone
 
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=32, vision_cfg={
@@ -192,7 +192,7 @@ def test_a_timm_image_tower_works_without_deep_vision_prompts():
 
 
 def test_openai_signatures_name_the_model():
-    from trainers.core.backbones import same_backbone
+    from trainers.model.backbones import same_backbone
 
     b16 = {"family": "openai", "model": "ViT-B/16", "embed_dim": 512, "text_width": 512, "vision_width": 768,
            "vision": "ViT", "image_size": 224, "patch_size": 16}

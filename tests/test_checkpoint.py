@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.core.checkpoint import (
+from trainers.errors import CheckpointError
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.checkpoint import (
     find_checkpoint,
     latest_checkpoint,
     latest_checkpoint_set,
@@ -12,8 +14,6 @@ from trainers.core.checkpoint import (
     write_checkpoint,
     write_checkpoint_set,
 )
-from trainers.core.errors import CheckpointError
-from trainers.core.rada_head import RAdaHead
 
 VIT = {"embed_dim": 512, "text_width": 512, "vision_width": 768, "vision": "ViT", "image_size": 224}
 RN50 = {"embed_dim": 1024, "text_width": 512, "vision_width": 64, "vision": "ResNet", "image_size": 224}

@@ -4,14 +4,15 @@ import urllib.request
 import pytest
 import torch
 
-from trainers.core.clip_loader import (
+from trainers.model.backbones import as_backbone
+from trainers.model.backbones.openai_loader import (
     CLIPLoadError,
     cached_weights_path,
     clip_signature,
     load_clip,
 )
-from trainers.core.precision import Precision
-from trainers.core.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
+from trainers.model.precision import Precision
+from trainers.model.tiny_clip import TINY_EMBED_DIM, build_tiny_clip
 
 
 @pytest.fixture
@@ -100,10 +101,10 @@ def test_unknown_name_lists_the_known_ones():
 
 def test_precision_modes_on_cpu(tiny_clip_path):
     model = load_clip(str(tiny_clip_path))
-    assert Precision("fp32", "cpu").cast_clip(model).visual.conv1.weight.dtype == torch.float32
+    assert Precision("fp32", "cpu").cast_clip(as_backbone(model)).model.visual.conv1.weight.dtype == torch.float32
     fallback = Precision("fp16", "cpu")
     assert fallback.mode == "fp32" and fallback.clip_dtype == torch.float32
     forced = Precision("fp16", "cpu", half_on_cpu=True)  # gpu_check's CPU run of the half-precision paths
-    assert forced.mode == "fp16" and forced.cast_clip(model).visual.conv1.weight.dtype == torch.float16
+    assert forced.mode == "fp16" and forced.cast_clip(as_backbone(model)).model.visual.conv1.weight.dtype == torch.float16
     with pytest.raises(ValueError, match="fp16, fp32, amp"):
         Precision("int8", "cpu")

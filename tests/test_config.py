@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import requires_dassl
 from trainers.config import PREC_NODES, VALUE_RULES, Interval, OneOf, check_values, defaults
-from trainers.core.errors import UserFacingError
+from trainers.errors import UserFacingError
 
 # The documented rule (trainers/config.py): each trainer reads the PREC of its family's node.
 PREC_NODE_OF = {
@@ -134,7 +134,7 @@ def test_test_time_trainers_do_not_depend_on_the_order_of_their_bases(name, sour
 
 def test_keys_added_or_removed_between_versions_are_not_changed_settings():
     """A run recorded before a key existed (run.json, checkpoint markers) still resumes and is reused."""
-    from trainers.core.results import config_differences, flatten_config
+    from trainers.runs.results import config_differences, flatten_config
 
     current = flatten_config(defaults())
     recorded_earlier = {key: value for key, value in current.items()

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from trainers.core.rada_head import RAdaHead
-from trainers.core.random_state import CUBLAS_WORKSPACE, torch_switches_restored, use_deterministic_algorithms
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.random_state import CUBLAS_WORKSPACE, torch_switches_restored, use_deterministic_algorithms
 
 
 @pytest.fixture

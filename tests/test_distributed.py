@@ -1,4 +1,4 @@
-"""Data-parallel training and evaluation (trainers/core/distributed.py): 2 processes on the CPU (gloo)
+"""Data-parallel training and evaluation (trainers/runs/distributed.py): 2 processes on the CPU (gloo)
 compute what 1 process computes on the same samples.
 
 The two-process checks start 2 processes once (torch.multiprocessing, gloo, the environment torchrun
@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from tests.conftest import requires_dassl
 from tests.train_harness import FAST_OPTIONS, REPO
-from trainers.core import distributed
-from trainers.core.distributed import GlobalBatchSampler, ShardSampler, interleave_shards
-from trainers.core.errors import UserFacingError
+from trainers.errors import UserFacingError
+from trainers.runs import distributed
+from trainers.runs.distributed import GlobalBatchSampler, ShardSampler, interleave_shards
 
 WORLD = 2
 GLOBAL_BATCH = 16

@@ -7,7 +7,7 @@ from PIL import Image
 
 from figures.head import BINS_PER_UNIT, MaskStatistics, plot_mask_histogram, plot_rational_matrix
 from figures.style import DPI
-from trainers.core.rada_head import RAdaHead
+from trainers.model.rada_head import RAdaHead
 
 
 def png_size(path):

@@ -13,13 +13,14 @@ from torch.nn import functional as F
 from tests.conftest import requires_dassl
 from tests.image_trees import imagenet_a_tree, imagenet_tree
 from tests.train_harness import TrainRun
-from trainers.core.backbones.openai_clip import ClipTextEncoder as TextEncoder
-from trainers.core.clip_loader import load_clip
-from trainers.core.finetune import (
-    CheckpointedBlocks,
+from trainers.model.backbones import as_backbone
+from trainers.model.backbones.openai_clip import CheckpointedBlocks, checkpoint_blocks
+from trainers.model.backbones.openai_clip import ClipTextEncoder as TextEncoder
+from trainers.model.backbones.openai_loader import load_clip
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.finetune import (
     LogitScale,
     check_master_weights,
-    checkpoint_blocks,
     contrastive_loss,
     finetune_precision,
     flyp_loss,
@@ -29,16 +30,15 @@ from trainers.core.finetune import (
     subset_index,
     warmup_cosine_scheduler,
 )
-from trainers.core.model import CLIPClassifier
-from trainers.core.precision import Precision
-from trainers.core.prompts import (
+from trainers.model.precision import Precision
+from trainers.model.prompts import (
     TEMPLATE_SETS,
     FixedPrompts,
     fill_template,
     resolve_templates,
 )
-from trainers.core.rada_head import RAdaHead, mask_penalty, rada_loss
-from trainers.core.tiny_clip import TINY_EMBED_DIM
+from trainers.model.rada_head import RAdaHead, mask_penalty, rada_loss
+from trainers.model.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 TEMPLATE = "a photo of a {}."
@@ -132,7 +132,7 @@ def test_amp_optimises_float32_master_weights(tiny_clip_path):
     assert clip_model.visual.conv1.weight.dtype == torch.float16
     precision = Precision("amp", "cuda")  # the GPU path's decisions, checked without a GPU
     assert precision.mode == "amp" and precision.clip_dtype == torch.float32
-    precision.cast_clip(clip_model)
+    precision.cast_clip(as_backbone(clip_model))
     model = CLIPClassifier(clip_model, FixedPrompts(CLASSES, TEMPLATE), head=RAdaHead(TINY_EMBED_DIM))
     model.requires_grad_(True)
     groups = [g for module in (model.image_encoder, model.text_encoder, model.head) for g in parameter_groups(module, 1e-5, 0.1)]
@@ -141,7 +141,7 @@ def test_amp_optimises_float32_master_weights(tiny_clip_path):
     assert {p.dtype for g in optimizer.param_groups for p in g["params"]} == {torch.float32}
 
     half = load_clip(str(tiny_clip_path))
-    Precision("fp16", "cuda").cast_clip(half)
+    Precision("fp16", "cuda").cast_clip(as_backbone(half))
     with pytest.raises(ValueError, match="float16; the optimiser needs float32 master weights"):
         check_master_weights(parameter_groups(half.visual.requires_grad_(True), 1e-5, 0.1))
 

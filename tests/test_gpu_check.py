@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.train_harness import REPO
-from trainers.core.precision import cpu_runs_half_precision
+from trainers.model.precision import cpu_runs_half_precision
 
 pytestmark = pytest.mark.e2e  # runs a script end to end
 

@@ -14,12 +14,12 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
 from tests.tiny_hf import FAMILIES, IMAGE_SIZE
-from trainers.core.backbones import BackboneError, load_backbone
-from trainers.core.checkpoint import read_checkpoint, write_checkpoint
-from trainers.core.errors import CheckpointError
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import FixedPrompts
-from trainers.core.rada_head import RAdaHead
+from trainers.errors import CheckpointError
+from trainers.model.backbones import BackboneError, load_backbone
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.prompts import FixedPrompts
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.checkpoint import read_checkpoint, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,13 +7,13 @@ from clip.model import CLIP, convert_weights
 from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half, requires_dassl, train_only
-from trainers.core.checkpoint import load_weights
-from trainers.core.clip_loader import load_clip
-from trainers.core.errors import UserFacingError
-from trainers.core.maple import MaPLeClassifier, MaPLePromptLearner
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import FixedPrompts, fill_template
-from trainers.core.rada_head import RAdaHead
+from trainers.errors import UserFacingError
+from trainers.model.backbones.openai_loader import load_clip
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.maple import MaPLeClassifier, MaPLePromptLearner
+from trainers.model.prompts import FixedPrompts, fill_template
+from trainers.model.rada_head import RAdaHead
+from trainers.runs.checkpoint import load_weights
 
 CLASSES = ["golden_retriever", "cat", "air plane"]
 LAYERS = 4

@@ -4,10 +4,10 @@ from clip import clip as clip_api
 from torch.nn import functional as F
 
 from tests.conftest import train_only
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import CoOpPromptLearner, FixedPrompts, fill_template
-from trainers.core.rada_head import RAdaHead
-from trainers.core.tiny_clip import TINY_EMBED_DIM
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.prompts import CoOpPromptLearner, FixedPrompts, fill_template
+from trainers.model.rada_head import RAdaHead
+from trainers.model.tiny_clip import TINY_EMBED_DIM
 
 CLASSES = ["golden_retriever", "cat", "air plane", "sea_lion_pup"]
 

@@ -210,7 +210,7 @@ def test_a_killed_and_resumed_run_is_finished(repo):
 
 
 def test_changed_settings_stop_the_script_and_force_runs_again(repo, monkeypatch):
-    from trainers.core.results import write_run_record
+    from trainers.runs.results import write_run_record
 
     run_dir = f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1"
     _, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2)

@@ -14,9 +14,9 @@ from tests.dense_rada import dense_reference
 from tests.test_rada_head import CASES, normalized, random_head, relative_error
 from trainers.config import ATTENTION_IMPLS as config_attention_impls
 from trainers.config import check_values, defaults
-from trainers.core import rada_head as rada_head_module
-from trainers.core.errors import UserFacingError
-from trainers.core.rada_head import RAdaHead, fused_attention_available, rada_head
+from trainers.errors import UserFacingError
+from trainers.model import rada_head as rada_head_module
+from trainers.model.rada_head import RAdaHead, fused_attention_available, rada_head
 
 requires_cpu_fused = pytest.mark.skipif(
     not fused_attention_available("cpu", torch.float64),

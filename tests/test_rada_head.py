@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half
 from tests.dense_rada import dense_reference
-from trainers.core.rada_head import RAdaHead
+from trainers.model.rada_head import RAdaHead
 
 
 def random_head(dim, heads, temperature, dtype=torch.float64, seed=0, block_elements=None, attention_impl="blocked"):

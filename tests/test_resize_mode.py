@@ -13,9 +13,9 @@ from tests import open_clip_models
 from tests.conftest import requires_dassl
 from tests.train_harness import FAST_OPTIONS, REPO
 from trainers.config import check_values, defaults
-from trainers.core.backbones import SHIPPED_INPUT, Preprocess, follow_preprocess
-from trainers.core.errors import UserFacingError
-from trainers.core.image_resize import ResizeToInput, evaluation_resize
+from trainers.errors import UserFacingError
+from trainers.model.backbones import SHIPPED_INPUT, Preprocess, follow_preprocess
+from trainers.model.image_resize import ResizeToInput, evaluation_resize
 
 OPENAI = SHIPPED_INPUT["PIXEL_MEAN"], SHIPPED_INPUT["PIXEL_STD"]
 HALF = (0.5,) * 3, (0.5,) * 3

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import requires_dassl
 from tests.run_logs import CFG, TRAINER, load_parse_results, rada_log, record_drawn_charts, write_run
 from tests.train_harness import TrainRun
-from trainers.core.results import parse_log, read_run, result_line
+from trainers.runs.results import parse_log, read_run, result_line
 
 parse_results = load_parse_results()
 OPEN_CLIP = "open_clip:ViT-B-16/laion2b_s34b_b88k"

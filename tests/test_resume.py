@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import requires_dassl
 from tests.train_harness import REPO, TrainRun
-from trainers.core.results import read_run, run_finished
+from trainers.runs.results import read_run, run_finished
 
 pytestmark = [requires_dassl, pytest.mark.e2e]
 
@@ -94,7 +94,7 @@ def test_changed_settings_are_refused_and_a_second_process_is_locked_out(synthet
     assert unrecorded.returncode == 2 and "Traceback" not in unrecorded.output
     assert "OPTIM.MAX_EPOCH: was 2, now 5" in unrecorded.output and "resuming it would mix" in unrecorded.output
 
-    from trainers.core.run_lock import lock_run_dir
+    from trainers.runs.run_lock import lock_run_dir
 
     holder = lock_run_dir(run.train_dir)  # as a running train.py holds it
     try:

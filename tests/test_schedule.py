@@ -5,7 +5,7 @@ import pytest
 import torch
 from yacs.config import CfgNode as CN
 
-from trainers.core.schedule import build_lr_scheduler
+from trainers.runs.schedule import build_lr_scheduler
 
 
 def optim_cfg(**overrides):

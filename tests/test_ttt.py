@@ -12,12 +12,12 @@ from torchvision import transforms as T
 
 from tests.fake_repo import make_fake_repo, run_script, train_py
 from tests.run_logs import load_parse_results, rada_log
-from trainers.core import ttt  # as a module: pytest would try to collect its Test* classes
-from trainers.core.model import CLIPClassifier
-from trainers.core.prompts import CoOpPromptLearner, FixedPrompts
-from trainers.core.rada_head import RAdaHead
-from trainers.core.tiny_clip import TINY_EMBED_DIM
-from trainers.core.ttt import (
+from trainers.model import ttt  # as a module: pytest would try to collect its Test* classes
+from trainers.model.classifier import CLIPClassifier
+from trainers.model.prompts import CoOpPromptLearner, FixedPrompts
+from trainers.model.rada_head import RAdaHead
+from trainers.model.tiny_clip import TINY_EMBED_DIM
+from trainers.model.ttt import (
     AUGMIX_OPERATIONS,
     augmix,
     marginal_entropy,

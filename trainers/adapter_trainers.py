@@ -3,11 +3,11 @@ setting). CLIP is frozen; the class texts are fixed hand-crafted prompts."""
 
 import logging
 
-from .core.adapters import FeatureAdapter
-from .core.errors import UserFacingError
-from .core.model import CLIPClassifier
-from .core.prompts import FixedPrompts, zero_shot_template
 from .engine import CLIPTrainer, register_trainer
+from .errors import UserFacingError
+from .model.adapters import FeatureAdapter
+from .model.classifier import CLIPClassifier
+from .model.prompts import FixedPrompts, zero_shot_template
 from .rada_trainers import RAdaMixin
 
 logger = logging.getLogger(__name__)

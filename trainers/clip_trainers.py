@@ -2,9 +2,9 @@
 
 import logging
 
-from .core.model import CLIPClassifier
-from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
 from .engine import CLIPTrainer, register_trainer
+from .model.classifier import CLIPClassifier
+from .model.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
 
 logger = logging.getLogger(__name__)
 

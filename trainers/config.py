@@ -16,13 +16,13 @@ its default would be ignored, so it is an error.
 
 from yacs.config import CfgNode as CN
 
-from .core.errors import UserFacingError
-from .core.image_resize import RESIZE_MODES
+from .errors import UserFacingError
+from .model.image_resize import RESIZE_MODES
 
 PRECISIONS = ("fp16", "fp32", "amp")
 PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
-ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/core/rada_head.py has them
+ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/model/rada_head.py has them
 
 
 def extend_cfg(cfg):
@@ -41,7 +41,7 @@ def extend_cfg(cfg):
     cfg.MODEL.BACKBONE.WEIGHTS = ""  # a local weights file for the architecture NAME names
     # How test (and validation) images are brought to INPUT.SIZE: "shortest" side then a centre crop
     # (Dassl's test transform; OpenAI CLIP), "squash" the whole image to the square (SigLIP),
-    # "longest" side then black padding, or "auto": the backbone's own mode (trainers/core/image_resize.py).
+    # "longest" side then black padding, or "auto": the backbone's own mode (trainers/model/image_resize.py).
     # Training augmentation is Dassl's (INPUT.TRANSFORMS) whatever this says.
     cfg.INPUT.RESIZE_MODE = "auto"
 
@@ -95,7 +95,7 @@ def extend_cfg(cfg):
     cfg.TRAINER.FT.OBJECTIVE = "ce"
     cfg.TRAINER.FT.TRAIN_TEXT_ENCODER = False  # False: frozen, its class features computed once
     cfg.TRAINER.FT.TRAIN_LOGIT_SCALE = False
-    # Class prompts: a template set of trainers/core/prompts.py (e.g. "openai_imagenet", FLYP's 80), one
+    # Class prompts: a template set of trainers/model/prompts.py (e.g. "openai_imagenet", FLYP's 80), one
     # template with '{}', or "" for CoOp's zero-shot template of the dataset.
     cfg.TRAINER.FT.TEMPLATES = ""
     cfg.TRAINER.FT.HEAD_LR = 1e-4  # learning rate of the RAda head; the encoders use OPTIM.LR

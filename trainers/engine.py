@@ -1,14 +1,14 @@
 """The Dassl glue shared by every trainer of this project.
 
 `CLIPTrainer` is a Dassl `TrainerX` that loads the backbone (MODEL.BACKBONE.NAME: OpenAI CLIP,
-open_clip, ...; trainers.core.backbones) once, lets a subclass compose the classifier (`build_classifier`) and name the modules it trains (`trainable_modules`), and
+open_clip, ...; trainers.model.backbones) once, lets a subclass compose the classifier (`build_classifier`) and name the modules it trains (`trainable_modules`), and
 handles the rest: precision, optimisers, the learning-rate schedule, the training step, the
 result line that `scripts/parse_results.py` reads, and checkpoints.
 
 Checkpoints are written and read here rather than by Dassl 0.6.3, whose scheduler state
 cannot be loaded by current torch (`weights_only=True`): every file holds plain data and records
 the backbone and trainer it was made with; each epoch is saved as one checkpoint set (see
-trainers/core/checkpoint.py) so that an interrupted run resumes bit for bit.
+trainers/runs/checkpoint.py) so that an interrupted run resumes bit for bit.
 """
 
 import datetime
@@ -26,9 +26,13 @@ from dassl.utils import AverageMeter, MetricMeter
 from torchvision.transforms import Compose
 
 from .config import check_values
-from .core import distributed
-from .core.backbones import follow_preprocess, load_backbone
-from .core.checkpoint import (
+from .errors import CheckpointError, UserFacingError
+from .model.backbones import follow_preprocess, load_backbone
+from .model.image_resize import evaluation_resize
+from .model.precision import Precision
+from .model.rada_head import rada_loss
+from .runs import distributed
+from .runs.checkpoint import (
     CHECKPOINT_POINTER,
     authors_run_folder,
     find_checkpoint,
@@ -42,15 +46,11 @@ from .core.checkpoint import (
     write_checkpoint,
     write_checkpoint_set,
 )
-from .core.errors import CheckpointError, UserFacingError
-from .core.image_resize import evaluation_resize
-from .core.precision import Precision
-from .core.rada_head import rada_loss
-from .core.random_state import capture as capture_random_state
-from .core.random_state import restore as restore_random_state
-from .core.random_state import use_deterministic_algorithms
-from .core.results import backbone_identity, config_differences, flatten_config, other_settings_message, result_line
-from .core.schedule import build_lr_scheduler
+from .runs.random_state import capture as capture_random_state
+from .runs.random_state import restore as restore_random_state
+from .runs.random_state import use_deterministic_algorithms
+from .runs.results import backbone_identity, config_differences, flatten_config, other_settings_message, result_line
+from .runs.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 _package_logger = logging.getLogger(__name__.rpartition(".")[0])
@@ -105,7 +105,7 @@ class CLIPTrainer(TrainerX):
 
     # ---- to be provided by subclasses -------------------------------------------------------
     def build_classifier(self, backbone, classnames):
-        """Return the CLIPClassifier of this method on `backbone` (a trainers.core.backbones.Backbone)."""
+        """Return the CLIPClassifier of this method on `backbone` (a trainers.model.backbones.Backbone)."""
         raise NotImplementedError
 
     def trainable_modules(self):

@@ -21,9 +21,10 @@ import logging
 import torch
 from dassl.optim import build_optimizer
 
-from .core import distributed
-from .core.errors import UserFacingError
-from .core.finetune import (
+from .engine import CLIPTrainer, register_trainer
+from .errors import UserFacingError
+from .model.classifier import CLIPClassifier
+from .model.finetune import (
     LogitScale,
     check_master_weights,
     finetune_precision,
@@ -33,10 +34,9 @@ from .core.finetune import (
     subset_index,
     warmup_cosine_scheduler,
 )
-from .core.model import CLIPClassifier
-from .core.prompts import FixedPrompts, resolve_templates
-from .engine import CLIPTrainer, register_trainer
+from .model.prompts import FixedPrompts, resolve_templates
 from .rada_trainers import RAdaMixin
+from .runs import distributed
 
 logger = logging.getLogger(__name__)
 

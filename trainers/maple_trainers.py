@@ -1,7 +1,7 @@
 """MaPLe trainers: coupled vision-language prompts, alone and with the RAda head."""
 
-from .core.maple import MaPLeClassifier, maple_prompt_learner
 from .engine import CLIPTrainer, register_trainer
+from .model.maple import MaPLeClassifier, maple_prompt_learner
 from .rada_trainers import RAdaMixin
 
 

@@ -1,9 +1,9 @@
 """RAda trainers: the head on frozen CLIP with hand-crafted prompts, and on CoOp prompts."""
 
-from .core.model import CLIPClassifier
-from .core.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
-from .core.rada_head import RAdaHead, rada_head
 from .engine import CLIPTrainer, register_trainer
+from .model.classifier import CLIPClassifier
+from .model.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
+from .model.rada_head import RAdaHead, rada_head
 
 
 class RAdaMixin:

@@ -2,7 +2,7 @@
 
 Each one is the trainer whose classifier it adapts (RAda: hand-crafted prompts and the head;
 RAdaCoOp: CoOp's context and the head) with evaluation replaced by per-image test-time training
-(trainers/core/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
+(trainers/model/ttt.py). It therefore builds, registers and loads exactly that trainer's modules:
 without --model-dir it starts from the identity head (the paper's "RAda"), with --model-dir
 from a training run of that trainer (the paper's "RAda†"). The optimiser is OPTIM.*.
 
@@ -18,12 +18,12 @@ import os.path as osp
 import torch
 from torchvision import transforms as T
 
-from .core import distributed
-from .core.checkpoint import CHECKPOINT_POINTER
-from .core.errors import UserFacingError
-from .core.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
 from .engine import CLIPTrainer, register_trainer
+from .errors import UserFacingError
+from .model.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
 from .rada_trainers import RAda, RAdaCoOp
+from .runs import distributed
+from .runs.checkpoint import CHECKPOINT_POINTER
 
 logger = logging.getLogger(__name__)
 

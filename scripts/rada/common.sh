@@ -148,9 +148,9 @@ is_training_free() {
 }
 
 # The results contract (is a run finished, how far it got, the re-run hint) is defined once, in
-# trainers/core/results.py; these functions ask it.
+# trainers/runs/results.py; these functions ask it.
 results_cli() {
-    PYTHONPATH="$RADA_REPO${PYTHONPATH:+:$PYTHONPATH}" python -m trainers.core.results "$@"
+    PYTHONPATH="$RADA_REPO${PYTHONPATH:+:$PYTHONPATH}" python -m trainers.runs.results "$@"
 }
 
 # Exit status 0 when DIR holds a finished run (read from all its logs).

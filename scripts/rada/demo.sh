@@ -18,7 +18,7 @@ export OUTPUT="${DEMO_OUTPUT:-output/demo}"
 export TRAINER="${TRAINER:-RAdaCoOp}"
 python -m datasets.synthetic --root "$DATA"
 
-if python -c "import os, sys; from trainers.core.clip_loader import cached_weights_path; sys.exit(not os.path.isfile(cached_weights_path('ViT-B/16')))"; then
+if python -c "import os, sys; from trainers.model.backbones.openai_loader import cached_weights_path; sys.exit(not os.path.isfile(cached_weights_path('ViT-B/16')))"; then
     BACKBONE="ViT-B/16"
     SEEDS="${SEEDS:-1}"
     EPOCHS="${EPOCHS:-3}"
@@ -28,7 +28,7 @@ else
     SEEDS="${SEEDS:-1 2 3}"
     EPOCHS="${EPOCHS:-10}"
     mkdir -p "$OUTPUT"
-    python -m trainers.core.tiny_clip "$BACKBONE"
+    python -m trainers.model.tiny_clip "$BACKBONE"
     cat <<BANNER
 ################################################################################################
 # [demo] NO REAL CLIP WEIGHTS FOUND (ViT-B/16 is not in the CLIP cache): running with a TINY,  #

@@ -3,10 +3,10 @@ layout of the protocol scripts, when a run folder holds a finished run, and the 
 (re)creates a run. train.py, scripts/parse_results.py and scripts/rada/common.sh (through the
 command line below) all ask this module; it needs only the standard library.
 
-    python -m trainers.core.results finished RUN_DIR           # exit 0 when RUN_DIR holds a finished run
-    python -m trainers.core.results progress RUN_DIR           # how far its log got
-    python -m trainers.core.results check RUN_DIR [ARGV ...]   # skip (0), run (1) or stop (3), with the message
-    python -m trainers.core.results rerun SCRIPT ARG ... [--env KEY=VALUE ...] [--prefix PREFIX]
+    python -m trainers.runs.results finished RUN_DIR           # exit 0 when RUN_DIR holds a finished run
+    python -m trainers.runs.results progress RUN_DIR           # how far its log got
+    python -m trainers.runs.results check RUN_DIR [ARGV ...]   # skip (0), run (1) or stop (3), with the message
+    python -m trainers.runs.results rerun SCRIPT ARG ... [--env KEY=VALUE ...] [--prefix PREFIX]
 
 A run's log is `log.txt`, and every rerun into the same folder adds `log.txt-<timestamp>` (Dassl's
 logger never overwrites): the run's state is read from all of them, in the order they were written.
@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserFacingError
+from ..errors import UserFacingError
 
 # ---- the run-folder layout ------------------------------------------------------------------------
 
@@ -358,7 +358,7 @@ def check_run(run_dir, argv):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m trainers.core.results", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainers.runs.results", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("finished", "progress"):
         commands.add_parser(name).add_argument("run_dir")

@@ -4,7 +4,7 @@
 folder by the clip package's own downloader) or the path of a local file: a TorchScript
 archive as OpenAI ships them, or a plain state dict (`clip.load` cannot read the latter on
 current torch because it retries on a half-consumed file object). The model comes back on the
-CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.core.precision`
+CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.model.precision`
 decides the working dtype.
 """
 
@@ -18,8 +18,8 @@ import zipfile
 
 import torch
 
-from .backbones.base import BackboneError
-from .backbones.openai_package import clip_api, clip_model
+from .base import BackboneError
+from .openai_package import clip_api, clip_model
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Pure pieces of full fine-tuning (FT, FLYP, RAdaFT): optimiser parameter groups, the per-step
-learning-rate schedule, gradient checkpointing of CLIP's residual blocks, FLYP's contrastive loss
+learning-rate schedule, FLYP's contrastive loss
 and the restriction of ImageNet logits to the classes of a test set that covers only some of them.
 
 Nothing here needs Dassl; `trainers.finetune_trainers` composes these pieces into trainers.
@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 from .rada_head import mask_penalty
 
@@ -106,31 +105,6 @@ class WarmupCosine:
 def warmup_cosine_scheduler(optimizer, warmup_steps, total_steps):
     """A scheduler stepped after every optimiser step; each group decays from its own rate."""
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps))
-
-
-# ---- gradient checkpointing -----------------------------------------------------------------------
-class CheckpointedBlocks(nn.Sequential):
-    """The residual blocks of a CLIP transformer, each run under activation checkpointing while
-    gradients are on: its activations are recomputed in the backward pass instead of stored.
-
-    Built from the same block modules under the same indices, so the state-dict keys (and hence
-    checkpoints) are those of the plain `nn.Sequential` it replaces.
-    """
-
-    def forward(self, x):
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        for block in self:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
-
-
-def checkpoint_blocks(transformer):
-    """Make a clip `Transformer` (text tower or ViT image tower) checkpoint its residual blocks
-    (`Backbone.checkpoint_blocks` calls this for the OpenAI clip backbone)."""
-    if not isinstance(transformer.resblocks, CheckpointedBlocks):
-        transformer.resblocks = CheckpointedBlocks(*transformer.resblocks)
-    return transformer
 
 
 # ---- losses ---------------------------------------------------------------------------------------

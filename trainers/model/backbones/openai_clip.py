@@ -1,12 +1,14 @@
 """The OpenAI `clip` package's models as a Backbone (today's behaviour: the model is the clip
-package's own CLIP, built from OpenAI's checkpoints by trainers.core.clip_loader)."""
+package's own CLIP, built from OpenAI's checkpoints by trainers.model.backbones.openai_loader)."""
 
 import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Backbone, BackboneError, Preprocess, PromptSites, TextEncoder, Tokenizer, pooled_at
+from .openai_loader import load_clip
 from .openai_package import SimpleTokenizer, clip_api, clip_model
 
 # OpenAI CLIP's preprocessing (clip.load's transform): bicubic resize, these mean and std.
@@ -114,8 +116,6 @@ class ClipBackbone(Backbone):
         return PromptSites(list(visual.transformer.resblocks), batch_first=False, stem=visual.ln_pre)
 
     def checkpoint_blocks(self, tower):
-        from ..finetune import checkpoint_blocks
-
         if tower == "text":
             checkpoint_blocks(self.text_encoder.transformer)
             return True
@@ -123,6 +123,30 @@ class ClipBackbone(Backbone):
             return False
         checkpoint_blocks(self.image_encoder.transformer)
         return True
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """The residual blocks of a CLIP transformer, each run under activation checkpointing while
+    gradients are on: its activations are recomputed in the backward pass instead of stored.
+
+    Built from the same block modules under the same indices, so the state-dict keys (and hence
+    checkpoints) are those of the plain `nn.Sequential` it replaces.
+    """
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def checkpoint_blocks(transformer):
+    """Make a clip `Transformer` (text tower or ViT image tower) checkpoint its residual blocks
+    (ClipBackbone.checkpoint_blocks)."""
+    if not isinstance(transformer.resblocks, CheckpointedBlocks):
+        transformer.resblocks = CheckpointedBlocks(*transformer.resblocks)
+    return transformer
 
 
 def is_clip_model(model):
@@ -134,6 +158,5 @@ def is_clip_model(model):
 def load(spec, weights="", cache_dir=None, download=True):
     """An OpenAI model name of clip.available_models() or a local checkpoint file; `weights`, when
     given, is the file to read instead."""
-    from ..clip_loader import load_clip
 
     return ClipBackbone(load_clip(weights or spec, cache_dir=cache_dir, download=download), name=spec)

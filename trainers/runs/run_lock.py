@@ -7,7 +7,7 @@ leaves no stale lock behind, and the next run into the folder takes it at once.
 import fcntl
 import os
 
-from .errors import UserFacingError
+from ..errors import UserFacingError
 
 LOCK_NAME = ".lock"
 

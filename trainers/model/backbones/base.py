@@ -18,7 +18,7 @@ A `Backbone` is a plain object (not a module) that hands out the library's own m
   turns on activation checkpointing of a tower's blocks; `signature()` identifies the backbone in
   checkpoints.
 
-Backends are registered by name prefix (`trainers.core.backbones.register_backend`), e.g.
+Backends are registered by name prefix (`trainers.model.backbones.register_backend`), e.g.
 "open_clip:" -> the open_clip backend; names without a registered prefix go to the OpenAI `clip`
 backend (its model names and local checkpoint files).
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserFacingError
+from ...errors import UserFacingError
 from ..image_resize import RESIZE_MODES
 
 OBJECTIVES = ("softmax", "sigmoid")

@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from .backbones.base import describe_signature, same_backbone
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..model.backbones.base import describe_signature, same_backbone
 
 logger = logging.getLogger(__name__)
 

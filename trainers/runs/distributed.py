@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-from .errors import UserFacingError
+from ..errors import UserFacingError
 
 logger = logging.getLogger(__name__)
 

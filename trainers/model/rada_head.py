@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .errors import UserFacingError
+from ..errors import UserFacingError
 from .precision import autocast_enabled
 
 logger = logging.getLogger(__name__)

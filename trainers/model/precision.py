@@ -17,7 +17,6 @@ import logging
 import torch
 
 from ..config import PRECISIONS
-from .backbones import as_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +39,10 @@ class Precision:
     def clip_dtype(self):
         return torch.float16 if self.mode == "fp16" else torch.float32
 
-    def cast_clip(self, model):
-        """Put the weights of a Backbone (or a bare clip model) in this precision, in place, the
-        library's own way; return what was given."""
-        as_backbone(model).cast(self.clip_dtype)
-        return model
+    def cast_clip(self, backbone):
+        """Put the weights of a Backbone in this precision, in place, the library's own way; return it."""
+        backbone.cast(self.clip_dtype)
+        return backbone
 
     def autocast(self):
         if self.mode == "amp":

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UserFacingError
 from .backbones import as_backbone
-from .errors import UserFacingError
-from .model import CLIPClassifier
+from .classifier import CLIPClassifier
 from .prompts import LearnedContext, context_words, initial_context
 
 logger = logging.getLogger(__name__)
