@@ -1,9 +1,8 @@
 """The GPU check: speed, memory and correctness of the CUDA path in one table (bench/gpu_check.sh).
 
 Nothing is downloaded: CLIP is a randomly initialised full-size ViT-B/16 built with the clip
-package's own model class, the classifiers are composed as the trainers compose them
-(trainers/core: CLIPClassifier, FixedPrompts, the CoOp and MaPLe prompt learners, the rada_head
-factory, Precision), the demo makes its own dataset and tiny CLIP.
+package's own model class, the classifiers are built from the trainers' declarations
+(trainers/model/compositions.py) in the trainers' precision, the demo makes its own dataset and tiny CLIP.
 
 Parts (one table, a row each):
 - head: the head alone (blocked, fused, dense) at B=32, K in {100, 500, 1000}, D=512, fp32 and
@@ -191,38 +190,21 @@ def base_cfg(small):
     return cfg
 
 
-def compose(trainer, cfg, clip_model, classnames):
-    """(classifier, trainable modules) as the trainer of that name composes them (trainers/*_trainers.py)."""
-    from trainers.model.adapters import FeatureAdapter
-    from trainers.model.backbones.openai_loader import clip_signature
-    from trainers.model.classifier import CLIPClassifier
-    from trainers.model.maple import MaPLeClassifier, maple_prompt_learner
-    from trainers.model.prompts import FixedPrompts, coop_prompt_learner
-    from trainers.model.rada_head import rada_head
+# Config values a trainer's shipped configs set away from the defaults, where its training step depends on them.
+SHIPPED_OVERRIDES = {"RAdaAdapter": ("TRAINER.ADAPTER.RATIO", 0.5, "TRAINER.ADAPTER.TEXT", True)}
 
-    width = clip_signature(clip_model)["embed_dim"]
-    head = rada_head(cfg, width)
-    fixed_prompts = FixedPrompts(classnames, cfg.TRAINER.RADA.TEMPLATE)
-    if trainer == "RAda":
-        model = CLIPClassifier(clip_model, fixed_prompts, head=head)
-        trainable = {"rada_head": model.head}
-    elif trainer == "RAdaAdapter":  # with its configs' ratio 0.5 and text adapter
-        adapter = FeatureAdapter(width, cfg.TRAINER.ADAPTER.REDUCTION, ratio=0.5, adapt_text=True)
-        model = CLIPClassifier(clip_model, fixed_prompts, head=head, adapter=adapter)
-        trainable = {"adapter": model.adapter, "rada_head": model.head}
-    elif trainer == "RAdaFT":  # the image encoder trained, the text encoder frozen (its default)
-        model = CLIPClassifier(clip_model, fixed_prompts, head=head)
-        trainable = {"image_encoder": model.image_encoder, "rada_head": model.head}
-    elif trainer == "RAdaCoOp":
-        model = CLIPClassifier(clip_model, coop_prompt_learner(cfg, clip_model, classnames), head=head)
-        trainable = {"prompt_learner": model.prompts, "rada_head": model.head}
-    else:
-        model = MaPLeClassifier(clip_model, maple_prompt_learner(cfg, clip_model, classnames), head=head)
-        trainable = {"prompt_learner": model.prompts, "rada_head": model.head}
-    model.requires_grad_(False)
-    for module in trainable.values():
-        module.requires_grad_(True)
-    return model, trainable
+
+def compose(trainer, cfg, precision, clip_model, classnames):
+    """(classifier, trainable modules) as the trainer of that name composes them (its declaration in
+    trainers/model/compositions.py), with the values of SHIPPED_OVERRIDES, on a copy of clip_model cast
+    to `precision`."""
+    from trainers.model.backbones import as_backbone
+    from trainers.model.compositions import build_classifier, composition_of
+
+    cfg = cfg.clone()
+    cfg.merge_from_list(list(SHIPPED_OVERRIDES.get(trainer, ())))
+    backbone = precision.cast_clip(as_backbone(copy.deepcopy(clip_model)))
+    return build_classifier(composition_of(trainer), cfg, backbone, classnames)
 
 
 class HostTensorWatch(TorchDispatchMode):
@@ -285,7 +267,7 @@ def training_setup(trainer, mode, size, device, base_clip):
     cfg = base_cfg(size.batch < 32)
     precision = Precision(mode, device, half_on_cpu=cpu_runs_half_precision())
     torch.manual_seed(1)  # the CoOp / MaPLe context starts random
-    model, trainable = compose(trainer, cfg, precision.cast_clip(copy.deepcopy(base_clip)), classnames)
+    model, trainable = compose(trainer, cfg, precision, base_clip, classnames)
     model.to(device)
     params = [p for module in trainable.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -376,7 +358,7 @@ def check_evaluation(table, size, device, base_clip):
     precision = Precision("fp16", device, half_on_cpu=cpu_runs_half_precision())
     cfg = base_cfg(size.batch < 32)
     classnames = [f"class {i}" for i in range(size.eval_classes)]
-    model, _ = compose("RAda", cfg, precision.cast_clip(copy.deepcopy(base_clip)), classnames)
+    model, _ = compose("RAda", cfg, precision, base_clip, classnames)
     model.to(device)
     resolution = base_clip.visual.input_resolution
     images = torch.randn(size.eval_batch, 3, resolution, resolution, device=device)

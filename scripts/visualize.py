@@ -103,7 +103,7 @@ def build_trainer(args):
     from dassl.utils import set_random_seed
 
     from trainers.errors import UserFacingError
-    from trainers.model.rada_head import RAdaHead
+    from trainers.model.compositions import COMPOSITIONS, composition_of
     from trainers.ttt_trainers import TEST_TIME_TRAINERS
 
     if not args.trainer:
@@ -116,14 +116,15 @@ def build_trainer(args):
         )
     cfg = train.setup_cfg(args)
     train.register_all(cfg)
+    if not composition_of(cfg.TRAINER.NAME).head:  # decided by the declaration, before anything is built
+        with_head = [name for name, declared in COMPOSITIONS.items() if declared.head and name not in test_time]
+        raise UserFacingError(
+            f"{cfg.TRAINER.NAME} has no RAda head, so there is no mask to show: use a RAda trainer "
+            f"({', '.join(with_head)})."
+        )
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     trainer = dassl_build_trainer(cfg)
-    if not isinstance(getattr(trainer.model, "head", None), RAdaHead):
-        raise UserFacingError(
-            f"{cfg.TRAINER.NAME} has no RAda head, so there is no mask to show: use a RAda trainer "
-            "(RAda, RAdaCoOp, RAdaMaPLe, RAdaAdapter or RAdaFT)."
-        )
     if getattr(trainer, "subset_index", None) is not None:
         raise UserFacingError(
             f"{cfg.DATASET.NAME} is scored over ImageNet's classes and then reduced to its own; its mask rows are "

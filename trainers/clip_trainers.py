@@ -3,8 +3,7 @@
 import logging
 
 from .engine import CLIPTrainer, register_trainer
-from .model.classifier import CLIPClassifier
-from .model.prompts import FixedPrompts, coop_prompt_learner, zero_shot_template
+from .model.compositions import COMPOSITIONS
 
 logger = logging.getLogger(__name__)
 
@@ -13,8 +12,7 @@ logger = logging.getLogger(__name__)
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with CoOp's hand-crafted prompt for the dataset; nothing is trained."""
 
-    def build_classifier(self, backbone, classnames):
-        return CLIPClassifier(backbone, FixedPrompts(classnames, zero_shot_template(self.cfg.DATASET.NAME)))
+    composition = COMPOSITIONS["ZeroshotCLIP"]
 
     def train(self):
         logger.info("ZeroshotCLIP has nothing to train: evaluating")
@@ -25,10 +23,4 @@ class ZeroshotCLIP(CLIPTrainer):
 class CoOp(CLIPTrainer):
     """Context optimisation: learnable prompt context, frozen CLIP."""
 
-    LEARNS_PROMPTS = True
-
-    def build_classifier(self, backbone, classnames):
-        return CLIPClassifier(backbone, coop_prompt_learner(self.cfg, backbone, classnames))
-
-    def trainable_modules(self):
-        return {"prompt_learner": self.model.prompts}
+    composition = COMPOSITIONS["CoOp"]

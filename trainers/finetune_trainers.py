@@ -23,19 +23,16 @@ from dassl.optim import build_optimizer
 
 from .engine import CLIPTrainer, register_trainer
 from .errors import UserFacingError
-from .model.classifier import CLIPClassifier
+from .model.compositions import COMPOSITIONS
 from .model.finetune import (
-    LogitScale,
     check_master_weights,
-    finetune_precision,
     flyp_loss,
     parameter_groups,
     restrict_logits,
     subset_index,
     warmup_cosine_scheduler,
 )
-from .model.prompts import FixedPrompts, resolve_templates
-from .rada_trainers import RAdaMixin
+from .model.prompts import resolve_templates
 from .runs import distributed
 
 logger = logging.getLogger(__name__)
@@ -44,8 +41,6 @@ logger = logging.getLogger(__name__)
 class FineTuneTrainer(CLIPTrainer):
     """What FT, FLYP and RAdaFT share; TRAINER.FT says what trains and with which objective (the
     trainers' configs set their values)."""
-
-    PREC_NODE = "FT"
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -61,9 +56,6 @@ class FineTuneTrainer(CLIPTrainer):
         except ValueError as error:
             raise UserFacingError(f"TRAINER.FT.TEMPLATES: {error}.") from None
 
-    def precision_mode(self):
-        return finetune_precision(self.cfg.TRAINER.FT.PREC)
-
     # ---- data ---------------------------------------------------------------------------------
     def build_data_loader(self):
         """Also decides, from the test set, over which classes the model classifies."""
@@ -76,48 +68,16 @@ class FineTuneTrainer(CLIPTrainer):
             self.imagenet_subset.members).to(self.device)  # on the logits' device: no copy per batch
 
     # ---- model --------------------------------------------------------------------------------
-    def build_head(self):
-        """The head between features and logits; none for plain fine-tuning."""
-        return None
-
     def build_classifier(self, backbone, classnames):
-        cfg, ft, subset = self.cfg, self.cfg.TRAINER.FT, self.imagenet_subset
+        subset = self.imagenet_subset
         if subset is not None:
             logger.info(
                 "%s covers %d of the %d ImageNet classes of its classnames.txt: classifying over all of them and "
                 "keeping, for each of its classes, the largest logit of its ImageNet classes (as WiSE-FT and FLYP).",
-                cfg.DATASET.NAME, len(subset.members), len(subset.imagenet_classnames),
+                self.cfg.DATASET.NAME, len(subset.members), len(subset.imagenet_classnames),
             )
             classnames = list(subset.imagenet_classnames)
-        prompts = FixedPrompts(classnames, resolve_templates(ft.TEMPLATES, cfg.DATASET.NAME))
-        model = CLIPClassifier(backbone, prompts, head=self.build_head())
-        if ft.GRAD_CHECKPOINTING:
-            self._checkpoint_encoders(model)
-        logger.info(
-            "Fine-tuning with the %s objective: image encoder trained, text encoder %s, logit scale %s, %s",
-            ft.OBJECTIVE, "trained" if ft.TRAIN_TEXT_ENCODER else "frozen (class features cached)",
-            "trained" if ft.TRAIN_LOGIT_SCALE else "fixed",
-            "RAda head" if model.head is not None else "no head",
-        )
-        return model
-
-    def _checkpoint_encoders(self, model):
-        if not model.backbone.checkpoint_blocks("image"):
-            logger.warning("Gradient checkpointing covers transformer blocks; the %s image encoder runs as usual",
-                           model.backbone.vision_kind())
-        if self.cfg.TRAINER.FT.TRAIN_TEXT_ENCODER:
-            model.backbone.checkpoint_blocks("text")
-
-    def trainable_modules(self):
-        ft = self.cfg.TRAINER.FT
-        modules = {"image_encoder": self.model.image_encoder}
-        if ft.TRAIN_TEXT_ENCODER:
-            modules["text_encoder"] = self.model.text_encoder
-        if ft.TRAIN_LOGIT_SCALE:
-            modules["logit_scale"] = LogitScale(self.model.logit_scale)
-        if self.model.head is not None:
-            modules["rada_head"] = self.model.head
-        return modules
+        return super().build_classifier(backbone, classnames)
 
     def build_optimization(self, name, module):
         cfg = self.cfg
@@ -175,11 +135,15 @@ class FineTuneTrainer(CLIPTrainer):
 class FT(FineTuneTrainer):
     """Full fine-tuning with cross-entropy over the class prompts (the head-less baseline)."""
 
+    composition = COMPOSITIONS["FT"]
+
 
 @register_trainer
 class FLYP(FineTuneTrainer):
     """Finetune like you pretrain: both encoders and the logit scale trained with the contrastive
     loss between images and captions of their class names; evaluated zero-shot style."""
+
+    composition = COMPOSITIONS["FLYP"]
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -191,6 +155,8 @@ class FLYP(FineTuneTrainer):
 
 
 @register_trainer
-class RAdaFT(RAdaMixin, FineTuneTrainer):
+class RAdaFT(FineTuneTrainer):
     """Full fine-tuning with the RAda head (the paper's FFT setting); TRAINER.FT.OBJECTIVE flyp
     trains it with FLYP's objective, the paper's reference."""
+
+    composition = COMPOSITIONS["RAdaFT"]

@@ -12,28 +12,22 @@ from a training run of that trainer (the paper's "RAda†"). The optimiser is OP
 """
 
 import logging
-import os
-import os.path as osp
 
 import torch
 from torchvision import transforms as T
 
 from .engine import CLIPTrainer, register_trainer
 from .errors import UserFacingError
+from .model.compositions import COMPOSITIONS
 from .model.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
-from .rada_trainers import RAda, RAdaCoOp
 from .runs import distributed
-from .runs.checkpoint import CHECKPOINT_POINTER
 
 logger = logging.getLogger(__name__)
 
 
 class TestTimeTrainer(CLIPTrainer):
     """Test-time training of the classifier of another trainer of this project, whose classifier has
-    a RAda head. A registered trainer lists both: `class RAdaTTT(TestTimeTrainer, RAda)`. The two
-    override disjoint hooks (this class: checks, data, model set-up, loading, training and
-    evaluation; the other: the classifier and its modules), so the order of the bases does not matter.
-    """
+    a RAda head: a registered trainer declares that trainer's composition and its name (SOURCE)."""
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -70,24 +64,12 @@ class TestTimeTrainer(CLIPTrainer):
             module.requires_grad_(name in self.adapted_names)
 
     def load_model(self, directory, epoch=None):
-        if directory and osp.isdir(directory):
-            self._refuse_unused_weights(directory)
-        super().load_model(directory, epoch)
+        # A run of another trainer would load only in part (e.g. a RAdaCoOp head without its context).
+        hint = "Test-time train a run with the trainer built on the same modules: " + ", ".join(
+            f"{cls.__name__} for a {cls.SOURCE} run" for cls in TEST_TIME_TRAINERS) + "."
+        self.run_keeper.load(directory, epoch, other_trainers_hint=hint)
         if not directory:
             logger.info("Test-time training starts from the identity head (mask M = 1)")
-
-    def _refuse_unused_weights(self, directory):
-        """A run of another trainer would load only in part (e.g. a RAdaCoOp head without its context)."""
-        unused = sorted(
-            name for name in os.listdir(directory)
-            if osp.isfile(osp.join(directory, name, CHECKPOINT_POINTER)) and name not in self.get_model_names()
-        )
-        if unused:
-            raise UserFacingError(
-                f"{directory} also holds trained {', '.join(unused)}, which {self.cfg.TRAINER.NAME} does not have "
-                "and would ignore. Test-time train a run with the trainer built on the same modules: "
-                + ", ".join(f"{cls.__name__} for a {cls.SOURCE} run" for cls in TEST_TIME_TRAINERS) + "."
-            )
 
     def train(self):
         logger.info("%s trains nothing beforehand: running test-time training on the test set. "
@@ -137,17 +119,19 @@ class TestTimeTrainer(CLIPTrainer):
 
 
 @register_trainer
-class RAdaTTT(TestTimeTrainer, RAda):
+class RAdaTTT(TestTimeTrainer):
     """Test-time training of RAda's classifier: hand-crafted prompts and the head (the head adapts)."""
 
+    composition = COMPOSITIONS["RAdaTTT"]
     SOURCE = "RAda"
 
 
 @register_trainer
-class RAdaCoOpTTT(TestTimeTrainer, RAdaCoOp):
+class RAdaCoOpTTT(TestTimeTrainer):
     """Test-time training of RAdaCoOp's classifier: the head adapts, and the CoOp context too with
     TRAINER.TTT.ADAPT_PROMPTS True."""
 
+    composition = COMPOSITIONS["RAdaCoOpTTT"]
     SOURCE = "RAdaCoOp"
 
 
