@@ -9,14 +9,19 @@ import torch
 
 
 def dense_reference(head, image_features, text_features, scale):
-    """The method spec written out literally: every K x K attention matrix is built whole."""
+    """The method spec written out literally: every K x K attention matrix is built whole, per image.
+
+    text_features: (K, D) shared by the batch, or (B, K, D), each image's own class features.
+    """
     batch, dim = image_features.shape
-    num_classes = text_features.shape[0]
+    if text_features.dim() == 2:
+        text_features = text_features[None, :, :].expand(batch, -1, -1)
+    num_classes = text_features.shape[1]
     heads, head_dim = head.num_heads, dim // head.num_heads
-    rational = image_features[:, None, :] * text_features[None, :, :]
+    rational = image_features[:, None, :] * text_features
     queries = [
         math.sqrt(scale) * image_features[:, None, :].expand(batch, num_classes, dim),
-        math.sqrt(scale) * text_features[None, :, :].expand(batch, num_classes, dim),
+        math.sqrt(scale) * text_features,
         scale * rational,
     ]
     key_value = scale * rational

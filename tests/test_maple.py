@@ -171,6 +171,16 @@ def test_gradients_reach_only_prompts_couplings_and_head(clip_model, images):
     assert all(param.grad is None for param in clip_model.parameters())
 
 
+def test_any_clip_classifier_encodes_images_through_the_prompt_learner(clip_model, images):
+    """MaPLeClassifier adds only a check of its prompt type: a CLIPClassifier with MaPLe's prompts is the same model."""
+    learner = MaPLePromptLearner(clip_model, CLASSES, n_ctx=N_CTX, depth=3)
+    with torch.no_grad():
+        expected = MaPLeClassifier(clip_model, learner)(images).logits
+        assert torch.equal(CLIPClassifier(clip_model, learner)(images).logits, expected)
+    with pytest.raises(TypeError, match="needs a MaPLePromptLearner"):
+        MaPLeClassifier(clip_model, FixedPrompts(CLASSES, "a photo of a {}."))
+
+
 def test_clip_itself_is_unchanged_outside_prompted_calls(clip_model, images):
     tokens = clip_api.tokenize(fill_template("a photo of a {}.", CLASSES))
     with torch.no_grad():

@@ -16,14 +16,13 @@ With n = N_CTX context tokens and J = PROMPT_DEPTH:
 
 The prompts are injected with forward pre-hooks on the stem (`ln_pre`) and on the residual blocks
 that the backbone names (`Backbone.text_prompt_sites` / `vision_prompt_sites`), which exist only
-while a prompted encoder call runs: the library's code is used as it is, and outside those calls
-the model is unchanged.
+while a prompted encoder call runs (trainers/model/deep_prompts.py): the library's code is used as
+it is, and outside those calls the model is unchanged.
 
 Parameter names follow MaPLe's (ctx, proj, compound_prompts_text, compound_prompt_projections), so
 the prompt learners of MaPLe's released checkpoints load into this one.
 """
 
-import contextlib
 import copy
 import logging
 
@@ -34,61 +33,10 @@ from torch.nn import functional as F
 from ..errors import UserFacingError
 from .backbones import as_backbone
 from .classifier import CLIPClassifier
+from .deep_prompts import appended_tokens, deep_prompts
 from .prompts import LearnedContext, context_words, initial_context
 
 logger = logging.getLogger(__name__)
-
-
-def replace_tokens(x, tokens, start, batch_first=False):
-    """x (L, N, W), a residual block's input ((N, L, W) if batch_first), with positions start ..
-    start+n-1 of every sequence replaced by tokens (n, W); a negative start counts from the end."""
-    seq_dim = 1 if batch_first else 0
-    length, batch = x.shape[seq_dim], x.shape[1 - seq_dim]
-    start = start % length
-    block = tokens.to(x.dtype).unsqueeze(1 - seq_dim).expand(*((batch, -1, -1) if batch_first else (-1, batch, -1)))
-    end = start + tokens.shape[0]
-    before, after = x.narrow(seq_dim, 0, start), x.narrow(seq_dim, end, length - end)
-    return torch.cat([before, block, after], dim=seq_dim)
-
-
-@contextlib.contextmanager
-def deep_prompts(blocks, prompts, start, batch_first=False):
-    """While active, block i + 1 of `blocks` receives prompts[i] (n, W) at positions start ..
-    start+n-1 of its input; block 0 and the blocks after the last prompt are left alone."""
-    blocks = list(blocks)
-    if len(prompts) > len(blocks) - 1:
-        raise ValueError(f"{len(prompts)} deep prompts for a transformer of {len(blocks)} blocks")
-    handles = []
-    try:
-        for block, tokens in zip(blocks[1:], prompts, strict=False):
-            handles.append(block.register_forward_pre_hook(_token_replacer(tokens, start, batch_first)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _token_replacer(tokens, start, batch_first):
-    def hook(module, args):
-        return (replace_tokens(args[0], tokens, start, batch_first), *args[1:])
-
-    return hook
-
-
-@contextlib.contextmanager
-def appended_tokens(module, tokens):
-    """While active, `module`'s input (N, L, W) gets tokens (n, W) appended to every sequence."""
-
-    def hook(module, args):
-        x = args[0]
-        block = tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return (torch.cat([x, block], dim=1), *args[1:])
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class MaPLePromptLearner(LearnedContext):
@@ -162,15 +110,13 @@ class MaPLePromptLearner(LearnedContext):
 
 
 class MaPLeClassifier(CLIPClassifier):
-    """CLIPClassifier whose prompts (a MaPLePromptLearner) reach into both encoders."""
+    """A CLIPClassifier that insists on a MaPLePromptLearner. Nothing else differs: a CLIPClassifier
+    encodes images through any prompt source that has encode_image, MaPLe's included."""
 
     def __init__(self, backbone, prompts, head=None, adapter=None):
         if not isinstance(prompts, MaPLePromptLearner):
             raise TypeError(f"MaPLeClassifier needs a MaPLePromptLearner, got {type(prompts).__name__}")
         super().__init__(backbone, prompts, head=head, adapter=adapter)
-
-    def encode_image(self, images):
-        return self.prompts.encode_image(self.image_encoder, images.to(self.backbone.image_dtype))
 
 
 def maple_prompt_learner(cfg, backbone, classnames):

@@ -1,8 +1,19 @@
 """Class prompts: fixed hand-crafted ones and CoOp's learnable context.
 
-A prompt source is a module whose `forward(text_encoder)` returns the text features of the
-K classes (K, E). Buffers that depend on the class names are not persistent: checkpoints
-hold only what is learned, so weights trained on base classes load for new classes.
+A prompt source is the module that gives a CLIPClassifier its class text features. The contract:
+
+- By default `forward(text_encoder)` returns the text features of the K classes (K, E), shared by
+  every image.
+- A conditional source sets the class attribute `conditional = True`; its
+  `forward(text_encoder, image_features)` takes the image encoder's output (B, E) (unnormalised,
+  before any feature adapter) and returns each image's own class features (B, K, E) (CoCoOp).
+  The classifier never caches them.
+- A source that prompts the image encoder too (MaPLe, and deep vision prompts in general) has
+  `encode_image(image_encoder, images)` -> (B, E); the classifier encodes images through it.
+
+`is_conditional` and `prompts_images` answer these questions for any module. Buffers that depend
+on the class names are not persistent: checkpoints hold only what is learned, so weights trained
+on base classes load for new classes.
 """
 
 import logging
@@ -122,6 +133,17 @@ TEMPLATE_SETS = {
         'the {} in a video game.',
     ),
 }
+
+
+def is_conditional(prompts):
+    """Whether the prompt source gives per-image class features (forward(text_encoder, image_features))."""
+    return bool(getattr(prompts, "conditional", False))
+
+
+def prompts_images(prompts):
+    """Whether the prompt source encodes the images itself (encode_image(image_encoder, images))."""
+    return callable(getattr(prompts, "encode_image", None))
+
 
 def zero_shot_template(dataset_name):
     return ZERO_SHOT_TEMPLATES.get(dataset_name, DEFAULT_TEMPLATE)
@@ -271,14 +293,28 @@ class LearnedContext(nn.Module):
         self.register_buffer("token_prefix", embedded[:, :start], persistent=False)
         self.register_buffer("token_suffix", embedded[:, start + self.n_ctx :], persistent=False)
 
-    def prompt_embeddings(self):
+    def prompt_embeddings(self, ctx=None):
         """The text tower's input tokens (K, L, W) before the positional embedding: the context
-        between prefix and suffix."""
+        between prefix and suffix. ctx: the context to place there instead of the learned one,
+        (n, W) for all classes or (K, n, W) one per class, e.g. a context computed from an image
+        (CoCoOp: one call per image); None, the learned `ctx`."""
+        return torch.cat([self.token_prefix, self.class_contexts(ctx), self.token_suffix], dim=1)
+
+    def class_contexts(self, ctx=None):
+        """ctx (or the learned context if None) as (K, n, W) in the token embeddings' dtype."""
         prefix = self.token_prefix
-        ctx = self.ctx.to(prefix.dtype)
+        ctx = self.ctx if ctx is None else ctx
+        if ctx.dim() not in (2, 3) or ctx.shape[-2:] != self.ctx.shape[-2:] or (
+            ctx.dim() == 3 and ctx.shape[0] != prefix.shape[0]
+        ):
+            raise ValueError(
+                f"A context for these prompts is ({self.n_ctx}, {self.ctx.shape[-1]}) or ({prefix.shape[0]}, "
+                f"{self.n_ctx}, {self.ctx.shape[-1]}) (one per class), got {tuple(ctx.shape)}"
+            )
+        ctx = ctx.to(prefix.dtype)
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        return torch.cat([prefix, ctx, self.token_suffix], dim=1)
+        return ctx
 
 
 class CoOpPromptLearner(LearnedContext):
@@ -304,13 +340,12 @@ class CoOpPromptLearner(LearnedContext):
         super().__init__(backbone, classnames, ctx, prefix_text)
         self.position = position
 
-    def prompt_embeddings(self):
+    def prompt_embeddings(self, ctx=None):
+        """As LearnedContext.prompt_embeddings, with the class name where `position` puts it."""
         if self.position == "end":
-            return super().prompt_embeddings()
+            return super().prompt_embeddings(ctx)
         prefix, suffix = self.token_prefix, self.token_suffix
-        ctx = self.ctx.to(prefix.dtype)
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        ctx = self.class_contexts(ctx)
         half = self.n_ctx // 2
         prompts = []
         for i, name_len in enumerate(self.name_lens):

@@ -4,6 +4,10 @@ For an image feature f (D) and class text features t_k (D), both L2-normalised, 
 rational matrix is R[k, d] = f_d * t_kd and its row sums are CLIP's cosine scores. The head
 predicts a per-image mask M (K x D) and returns logits s * sum_d M[k, d] * R[k, d].
 
+The class features are either shared by the batch (K, D), as with fixed or CoOp-style prompts,
+or given per image (B, K, D), as image-conditioned prompts (CoCoOp) produce them. Everything
+below is per image either way; only Q2 differs: one projection for the batch, or one per image.
+
 Attention (per image, H heads of width D/H, scale a = 1 / (sqrt(D/H) * tau)):
 
     queries  Q1 = sqrt(s) f (every class row), Q2 = sqrt(s) t, Q3 = s R
@@ -24,7 +28,7 @@ on top. The row attention has two implementations with the same results:
   that they exist and falls back to the blocked loop ("auto") where they do not, or where the
   CUDA kernel raises for the inputs.
 
-Memory grows linearly in K either way.
+Memory grows linearly in K either way, with shared and with per-image class features.
 """
 
 import logging
@@ -367,21 +371,12 @@ class RAdaHead(nn.Module):
     def forward(self, image_features, text_features, logit_scale):
         """Return (logits (B, K), mask (B, K, D)).
 
-        image_features (B, D) and text_features (K, D) must be L2-normalised; logit_scale
-        is the multiplier s (already exponentiated), a float or a tensor. Inside the
-        attention s is a constant, as in the authors' code; the final s * scores keeps
-        its gradient, so a trainable logit scale still learns.
+        image_features (B, D) and text_features, (K, D) shared by the batch or (B, K, D) per
+        image, must be L2-normalised; logit_scale is the multiplier s (already exponentiated), a
+        float or a tensor. Inside the attention s is a constant, as in the authors' code; the
+        final s * scores keeps its gradient, so a trainable logit scale still learns.
         """
-        if image_features.dim() != 2 or text_features.dim() != 2:
-            raise ValueError(
-                "RAdaHead expects image_features (B, D) and text_features (K, D), got "
-                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-            )
-        if image_features.shape[1] != self.embed_dim or text_features.shape[1] != self.embed_dim:
-            raise ValueError(
-                f"RAdaHead was built for width {self.embed_dim}, got features of width "
-                f"{image_features.shape[1]} (image) and {text_features.shape[1]} (text)"
-            )
+        self._check_shapes(image_features, text_features)
         if not autocast_enabled(image_features.device.type):
             image_features = image_features.to(self.q_proj1.weight.dtype)
             text_features = text_features.to(self.q_proj1.weight.dtype)
@@ -390,10 +385,12 @@ class RAdaHead(nn.Module):
         scale = logit_scale.to(image_features.device)
         const_scale = scale.detach()
         root_scale = const_scale.sqrt()
-        batch, num_classes = image_features.shape[0], text_features.shape[0]
+        per_image = text_features.dim() == 3
+        batch, num_classes = image_features.shape[0], text_features.shape[-2]
         attn_scale = 1.0 / (math.sqrt(self.head_dim) * self.temperature)
 
-        rational = image_features.unsqueeze(1) * text_features.unsqueeze(0)  # (B, K, D)
+        # (B, K, D); shared class features broadcast over the batch.
+        rational = image_features.unsqueeze(1) * (text_features if per_image else text_features.unsqueeze(0))
         # s, sqrt(s) and the attention scale are folded into the D x D weights instead of scaling
         # (B, K, D) tensors, and the three maps of the rational matrix run as one product.
         weight = torch.cat([self.k_proj.weight * const_scale, self.v_proj.weight * const_scale,
@@ -410,8 +407,10 @@ class RAdaHead(nn.Module):
         image_scores = torch.matmul(q_image, key.transpose(-1, -2))
         image_weights = torch.softmax(image_scores.to(_accumulation_dtype(value.dtype)), dim=-1)
         mixed = torch.matmul(image_weights.to(value.dtype), value)  # (B, H, 1, dh), broadcast over class rows
-        # Q2 (shared by the batch, not expanded) and Q3: row attention, then the global re-weighting.
-        queries = (self._split_heads(q_text).unsqueeze(0), q_rational)
+        # Q2 (shared by the batch and not expanded, (1, H, K, dh), or per image, (B, H, K, dh)) and
+        # Q3: row attention, then the global re-weighting, whose log-sum-exp runs over each image's rows.
+        q_text = self._split_heads(q_text)
+        queries = (q_text if per_image else q_text.unsqueeze(0), q_rational)
         results = None
         if self.uses_fused_attention(key.device, key.dtype):
             results = self._fused_row_attention(key, value, queries)
@@ -423,15 +422,49 @@ class RAdaHead(nn.Module):
         mixed = (mixed / 3).transpose(1, 2).reshape(batch, num_classes, self.embed_dim)
         # relu(1 + m) - 1 == max(m, -1): keep the deviation from 1, so M == 1 adds exactly 0.
         deviation = self.out_proj(mixed).clamp(min=-1.0)
-        # (s * f) @ t^T is CLIP's own expression, so an all-ones mask reproduces its logits bit for bit.
-        logits = (scale * image_features) @ text_features.t()
+        # CLIP's own expression first, so an all-ones mask reproduces its logits bit for bit.
+        logits = clip_logits(scale, image_features, text_features)
         logits = logits + scale * (deviation * rational).sum(dim=-1)
         return logits, deviation + 1.0
+
+    def _check_shapes(self, image_features, text_features):
+        if image_features.dim() != 2 or text_features.dim() not in (2, 3):
+            raise ValueError(
+                "RAdaHead expects image_features (B, D) and text_features (K, D) or (B, K, D), got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        if image_features.shape[1] != self.embed_dim or text_features.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"RAdaHead was built for width {self.embed_dim}, got features of width "
+                f"{image_features.shape[1]} (image) and {text_features.shape[-1]} (text)"
+            )
+        if text_features.dim() == 3 and text_features.shape[0] != image_features.shape[0]:
+            raise ValueError(
+                f"RAdaHead got per-image text features for {text_features.shape[0]} images "
+                f"{tuple(text_features.shape)} but {image_features.shape[0]} images {tuple(image_features.shape)}; "
+                "per-image text features (B, K, D) need one set of K class features per image"
+            )
 
     @staticmethod
     def mask_regularizer(mask):
         """mean over the batch of max_{k,d} |M - 1|: the L-infinity pull of the mask to 1."""
         return (mask - 1.0).abs().flatten(1).amax(dim=1).mean()
+
+
+def clip_logits(scale, image_features, text_features):
+    """CLIP's logits s * <f, t_k> (B, K): the head's logits where its mask is all ones.
+
+    text_features (K, D) shared by the batch: CLIP's (and CoOp's) own expression s * f @ t^T.
+    (B, K, D) per image: the same per image, as one batched product.
+    """
+    if text_features.dim() == 2:
+        return scale * image_features @ text_features.t()
+    if text_features.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            f"Per-image text features {tuple(text_features.shape)} do not match image features "
+            f"{tuple(image_features.shape)}: one set of class features per image is needed"
+        )
+    return torch.matmul((scale * image_features).unsqueeze(1), text_features.transpose(-1, -2)).squeeze(1)
 
 
 def mask_penalty(mask, alpha):
