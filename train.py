@@ -162,13 +162,29 @@ def make_output_dir(cfg):
         ) from None
 
 
-def check_run_record(cfg):
-    """A folder that already holds a run made with other settings is not silently reused."""
+def check_run_record(cfg, resolved=False):
+    """A folder that already holds a run made with other settings is not silently reused. The run
+    record holds the config a run used, its INPUT preprocessing resolved: before the trainer is
+    built, `cfg` (the parsed config) is compared without the INPUT keys the backbone will set
+    (backbone_input_keys); then the trainer's config (`resolved`) is compared in full."""
     from trainers.errors import UserFacingError
+    from trainers.model.backbones import PREPROCESS_KEYS, backbone_input_keys
     from trainers.runs.results import config_differences, flatten_config, other_settings_message, read_run_record
 
     stored = read_run_record(cfg.OUTPUT_DIR).get("config")
-    changed = config_differences(stored, flatten_config(cfg)) if stored else []
+    if not stored:
+        return
+    unknown = set() if resolved else set(backbone_input_keys(cfg))
+    if "INPUT.PREPROCESS" not in stored:
+        # Recorded before INPUT.PREPROCESS existed, as parsed: the backbone may have replaced these
+        # values in that run, so they cannot be compared with the ones a run uses now.
+        unknown.update(PREPROCESS_KEYS)
+        if stored.get("INPUT.RESIZE_MODE") == "auto":
+            unknown.add("RESIZE_MODE")
+    ignored = {f"INPUT.{key}" for key in unknown}
+    stored, current = ({key: value for key, value in config.items() if key not in ignored}
+                       for config in (stored, flatten_config(cfg)))
+    changed = config_differences(stored, current)
     if changed:
         raise UserFacingError(other_settings_message(cfg.OUTPUT_DIR, changed))
 
@@ -217,8 +233,11 @@ def run(args):
     print("Environment:\n" + collect_env_info())
 
     trainer = build_trainer(cfg)
+    # The run record is the config the trainer runs with: its INPUT preprocessing resolved for the backbone.
+    if cfg.OUTPUT_DIR:
+        check_run_record(trainer.cfg, resolved=True)
     if owns_run_dir:
-        write_run_record(cfg.OUTPUT_DIR, args.command_line, flatten_config(cfg))
+        write_run_record(cfg.OUTPUT_DIR, args.command_line, flatten_config(trainer.cfg))
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()

@@ -5,13 +5,17 @@ A table row has a label, values {column: statistic} and, for base-to-new, the pu
 (mean and spread over seeds), a plain number (an HM, an average) or None (not measured).
 Base-to-new charts show base, new and HM per dataset and the average, ours (mean +- spread
 over seeds) beside the published methods (only for the tables whose report is beside_published, the
-OpenAI ViT-B/16 runs); the other protocols show their accuracy column.
+accuracy of OpenAI ViT-B/16 runs); the other protocols show their one column. The values are of the
+metric the report names (report.metric, a key of the runs' records; the evaluator's metrics are
+percentages).
 """
 
 import re
 from pathlib import Path
 
 import numpy as np
+
+from trainers.runs.results import DEFAULT_METRIC, OPENAI_DEFAULT_BACKBONE
 
 from .style import OKABE_ITO, new_figure, save, styled
 
@@ -20,7 +24,7 @@ PUBLISHED_COLOURS = (OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["green"],
                      OKABE_ITO["purple"], OKABE_ITO["yellow"])
 # Methods published only as an 11-dataset average (e.g. RAda's own rows): greys, plain then hatched.
 AVERAGE_ONLY_STYLES = tuple((grey, hatch) for hatch in (None, "//", "..") for grey in ("#404040", "#8c8c8c", "#cccccc"))
-BASE2NEW_COLUMNS = (("base", "base accuracy (%)"), ("new", "new accuracy (%)"), ("hm", "harmonic mean (%)"))
+BASE2NEW_COLUMNS = (("base", "base {} (%)"), ("new", "new {} (%)"), ("hm", "harmonic mean (%)"))
 AVERAGE_PREFIX = "Average"
 COMPLETE_AVERAGE_PREFIX = "Average ("  # "Average (11 datasets)"; a partial one reads "Average of the datasets present (...)"
 
@@ -72,7 +76,11 @@ def _set_value_range(axes_list, drawn):
         axes.set_ylim(max(0.0, 10 * np.floor((lowest - 5) / 10)), top)
 
 
-def base2new_chart(rows, published, title, path, ours="ours"):
+def _metric_label(metric):
+    return metric.replace("_", " ")
+
+
+def base2new_chart(rows, published, title, path, ours="ours", metric=DEFAULT_METRIC):
     """Base, new and HM panels. published: {(dataset, method): numbers with .base .new .hm}, whose
     'average' rows add the methods published only as an average (shown at the complete average)."""
     labels = [row.label for row in rows]
@@ -93,7 +101,7 @@ def base2new_chart(rows, published, title, path, ours="ours"):
             for method, (colour, hatch) in zip(average_only, AVERAGE_ONLY_STYLES * 2, strict=False):
                 numbers = published[("average", method)]
                 series.append((method, colour, hatch, {x: (getattr(numbers, column), None) for x in complete_average}))
-            panel_drawn, handles = _bars(axes, labels, series, ylabel)
+            panel_drawn, handles = _bars(axes, labels, series, ylabel.format(_metric_label(metric)))
             drawn += [(column, *entry) for entry in panel_drawn]
         _set_value_range(panels, drawn)
         panels[0].legend(handles.values(), handles.keys(), ncol=min(5, len(handles)), loc="lower left",
@@ -103,15 +111,15 @@ def base2new_chart(rows, published, title, path, ours="ours"):
     return drawn
 
 
-def accuracy_chart(rows, title, path, ours="ours"):
-    """One accuracy bar per row (datasets, targets and their averages), mean +- spread over seeds."""
+def accuracy_chart(rows, title, path, ours="ours", metric=DEFAULT_METRIC):
+    """One bar of the metric per row (datasets, targets and their averages), mean +- spread over seeds."""
     labels = [row.label for row in rows]
     with styled():
         figure = new_figure(max(8, 0.9 * len(labels) + 3), 5)
         axes = figure.subplots()
         series = [(ours, OURS_COLOUR, None, {x: _mean_and_error(row.values.get("acc"))
                                               for x, row in enumerate(rows) if row.values.get("acc") is not None})]
-        panel_drawn, _ = _bars(axes, labels, series, "accuracy (%)")
+        panel_drawn, _ = _bars(axes, labels, series, f"{_metric_label(metric)} (%)")
         _set_value_range([axes], panel_drawn)
         for (_, _, value, _), x in zip(panel_drawn, sorted(series[0][3]), strict=True):
             axes.annotate(f"{value:.1f}", (x, value), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9)
@@ -120,35 +128,39 @@ def accuracy_chart(rows, title, path, ours="ours"):
     return [("acc", *entry) for entry in panel_drawn]
 
 
-def chart_path(path, key, several, backbone=None):
+def chart_path(path, key, several, backbone=None, metric=DEFAULT_METRIC):
     """FILE for a single table; FILE with the table's protocol, trainer, config and shots otherwise,
-    and the backbone where given (the tables of backbones other than ViT-B/16)."""
+    the backbone where given (the tables of backbones other than ViT-B/16) and a metric other than
+    the accuracy."""
     path = Path(path)
     if not several:
         return path
     protocol, trainer, cfg, shots = key
     backbone = "_" + re.sub(r"[^\w.-]+", "-", backbone).strip("-") if backbone else ""
-    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{backbone}{path.suffix or '.png'}")
+    metric = "" if metric == DEFAULT_METRIC else f"_{metric}"
+    return path.with_name(f"{path.stem}_{protocol}_{trainer}_{cfg}_shots{shots}{backbone}{metric}"
+                          f"{path.suffix or '.png'}")
 
 
 def plot_results(path, summaries, published, ci95=False):
     """One chart per table with a finished run. summaries: [((protocol, trainer, cfg, shots), report)]
-    with report.rows, report.finished, report.backbone and report.beside_published, as parse_results
-    computes them; the published numbers are drawn only beside_published. Returns
+    with report.rows, report.finished, report.backbone, report.metric and report.beside_published, as
+    parse_results computes them; the published numbers are drawn only beside_published. Returns
     {written path: [(column, method, row label, value, error)]}, what each chart shows."""
     tables = [(key, report) for key, report in summaries if report.finished]
     written = {}
     for key, report in tables:
         protocol, trainer, cfg, shots = key
-        backbone = None if report.beside_published else report.backbone
-        target = chart_path(path, key, len(tables) > 1, backbone)
+        backbone = None if report.backbone == OPENAI_DEFAULT_BACKBONE else report.backbone
+        target = chart_path(path, key, len(tables) > 1, backbone, report.metric)
         target.parent.mkdir(parents=True, exist_ok=True)
         spread = "error bars: 95% CI over seeds" if ci95 else "error bars: std over seeds"
         title = f"{protocol} | {trainer} | {cfg} | shots {shots}" + (f" | {backbone}" if backbone else "")
+        title += f" | {report.metric}" if report.metric != DEFAULT_METRIC else ""
         title += f"\n({spread})"
         if protocol == "base2new":
             shown = published if report.beside_published else {}
-            written[str(target)] = base2new_chart(report.rows, shown, title, target, ours=trainer)
+            written[str(target)] = base2new_chart(report.rows, shown, title, target, ours=trainer, metric=report.metric)
         else:
-            written[str(target)] = accuracy_chart(report.rows, title, target, ours=trainer)
+            written[str(target)] = accuracy_chart(report.rows, title, target, ours=trainer, metric=report.metric)
     return written

@@ -2,7 +2,7 @@
 """Tables of the protocol runs written by scripts/rada/*.sh, beside the published numbers.
 
     python scripts/parse_results.py OUTPUT_DIR [--protocol base2new|fewshot|xd|dg|ttt] [--seeds 1 2 3]
-                                    [--ci95] [--csv PATH] [--plot FILE]
+                                    [--metric NAME] [--ci95] [--csv PATH] [--plot FILE]
 
 OUTPUT_DIR is the output root of the scripts (default there: ./output) or one protocol folder in it.
 Runs are grouped by (protocol, trainer, config, shots, backbone). Per dataset the table shows the mean and the
@@ -12,10 +12,16 @@ test_new, HM = 2BN / (B + N) of the seed means), accuracy for few-shot and cross
 for the full fine-tuning protocol (dg) the ImageNet accuracy, each of the five shifts and their mean.
 Test-time training runs (ttt) show the test-time trained accuracy per target, grouped by where they
 start: shots_0 from the identity head, shots_K from a model trained on K shots (scripts/rada/ttt.sh).
+A run's result is its final test record in results.jsonl, where train.py wrote one, else the result
+its logs show (older runs, CoOp / MaPLe logs: the accuracy only). The tables show the accuracy, or the
+metric --metric names: any metric of the records read, e.g. macro_f1, or zero_shot_accuracy (test-time
+training's model before adaptation); a finished run without it is listed, not counted. The published
+numbers are accuracies: shown beside accuracy tables only.
 Base-to-new tables of OpenAI ViT-B/16 runs also show the published numbers of
 scripts/baselines/base2new_vit_b16.csv; runs of other backbones get tables of their own, without them.
-The backbone is the one the `* result:` line names, else (older logs) MODEL.BACKBONE.NAME of the run's
-run.json, else the one of its config file (configs/trainers/<trainer>/<cfg>.yaml), else ViT-B/16.
+The backbone is the one the run's record or `* result:` line names, else (older logs)
+MODEL.BACKBONE.NAME of the run's run.json, else the one of its config file
+(configs/trainers/<trainer>/<cfg>.yaml), else ViT-B/16.
 Table headings name the backbone when the runs read are not all ViT-B/16.
 Missing seeds, unfinished runs and logs that contradict their folder are listed under each table.
 The exit status is 1 when no finished run was found.
@@ -26,7 +32,6 @@ import argparse
 import csv
 import functools
 import math
-import re
 import statistics
 import sys
 from collections import defaultdict
@@ -38,11 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from trainers.runs.results import (  # noqa: E402  (the results contract: layout, logs, re-run hints)
     ALL_SHOTS,
+    DEFAULT_METRIC,
     OPENAI_DEFAULT_BACKBONE,
     PART,
     PROTOCOLS,
-    LogResult,
+    SEED_FOLDER,
+    SHOTS_FOLDER,
     ResultsError,
+    RunState,
     backbone_identity,
     parse_log,  # noqa: F401  (part of this script's interface: one log read the same way)
     part_rerun_command,
@@ -95,7 +103,7 @@ class Run:
     cfg: str
     seed: int
     path: Path
-    log: LogResult | None  # None: the folder has no log.txt
+    state: RunState | None  # None: the folder has no log.txt and no results.jsonl
     backbone: str = OPENAI_DEFAULT_BACKBONE
 
     @property
@@ -112,8 +120,8 @@ class Run:
         return (self.protocol, self.trainer, self.cfg, self.shots)
 
     def mismatch(self):
-        """Why the log's own metadata contradicts the folder it is in (None when it agrees)."""
-        fields = self.log.fields if self.log else {}
+        """Why the run's own metadata (record or log) contradicts the folder it is in (None when it agrees)."""
+        fields = self.state.fields if self.state else {}
         expected = {"seed": str(self.seed), "trainer": self.trainer, "subsample": PART[self.part].subsample}
         wrong = [f"{key}={fields[key]} (folder says {value})" for key, value in expected.items()
                  if key in fields and fields[key] != value]
@@ -129,22 +137,22 @@ def discover_runs(root, protocols):
                 if not seed_dir.is_dir():
                     continue
                 dataset, shots_name, trainer, cfg = seed_dir.parts[-5:-1]
-                shots = re.fullmatch(r"shots_(\d+|all)", shots_name)
-                seed = re.fullmatch(r"seed(\d+)", seed_dir.name)
+                shots = SHOTS_FOLDER.fullmatch(shots_name)
+                seed = SEED_FOLDER.fullmatch(seed_dir.name)
                 if not (shots and seed):
                     odd_folders.append(seed_dir)
                     continue
                 shots = ALL_SHOTS if shots.group(1) == "all" else int(shots.group(1))
-                log = read_run(seed_dir)
-                runs.append(Run(part.name, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, log,
-                                run_backbone(seed_dir, log, trainer, cfg)))
+                state = read_run(seed_dir)
+                runs.append(Run(part.name, dataset, shots, trainer, cfg, int(seed.group(1)), seed_dir, state,
+                                run_backbone(seed_dir, state, trainer, cfg)))
     return runs, odd_folders
 
 
-def run_backbone(run_dir, log, trainer, cfg):
-    """The backbone a run used: its result line's, else its run.json's, else its config file's."""
-    if log is not None and "backbone" in log.fields:
-        return log.fields["backbone"]
+def run_backbone(run_dir, state, trainer, cfg):
+    """The backbone a run used: its record's or result line's, else its run.json's, else its config file's."""
+    if state is not None and "backbone" in state.fields:
+        return state.fields["backbone"]
     config = read_run_record(run_dir).get("config", {})
     if config.get("MODEL.BACKBONE.NAME"):
         return backbone_identity(config["MODEL.BACKBONE.NAME"], config.get("MODEL.BACKBONE.WEIGHTS", ""))
@@ -172,7 +180,7 @@ class Stat:
 
 
 def summarise(values, ci95=False):
-    """Mean and spread of per-seed accuracies; None for no values."""
+    """Mean and spread of per-seed values of a metric; None for no values."""
     if not values:
         return None
     std = statistics.pstdev(values)
@@ -240,7 +248,7 @@ def _average_row(label_all, label_some, wanted, rows_by_dataset, columns):
 
 
 def base2new_rows(accuracies, published, ci95):
-    """accuracies: {(part, dataset): {seed: accuracy}} -> table rows, the average last."""
+    """accuracies: {(part, dataset): {seed: value of the metric shown}} -> table rows, the average last."""
     methods = _per_dataset_methods(published)
     rows_by_dataset = {}
     for dataset in _ordered({d for _, d in accuracies}):
@@ -272,7 +280,8 @@ def base2new_rows(accuracies, published, ci95):
 
 
 def accuracy_rows(accuracies, protocol, ci95):
-    """Few-shot, cross-dataset and full fine-tuning tables: one accuracy column; averages as in the papers."""
+    """Few-shot, cross-dataset, full fine-tuning and test-time training tables: one column (the metric
+    shown, "acc"); averages as in the papers."""
     rows_by_dataset = {}
     parts = [part.name for part in parts_of(protocol)]
     source_part, test_part = parts if protocol in ("xd", "dg") else (None, parts[0])
@@ -318,7 +327,7 @@ def format_cell(value):
     return f"{value:.2f}"
 
 
-def render_table(protocol, rows, ci95):
+def render_table(protocol, rows, ci95, metric=DEFAULT_METRIC):
     spread = "mean +- 95% CI" if ci95 else "mean +- std"
     if protocol == "base2new":
         methods = list(dict.fromkeys(m for row in rows for m in row.published))
@@ -327,35 +336,39 @@ def render_table(protocol, rows, ci95):
                  *(" / ".join(f"{x:.2f}" for x in row.published[m]) if m in row.published else "-" for m in methods)]
                 for row in rows]
     else:
-        headers = ["dataset", "seeds", f"accuracy ({spread})"]
+        headers = ["dataset", "seeds", f"{metric} ({spread})"]
         body = [[row.label, row.seeds, format_cell(row.values.get("acc"))] for row in rows]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 @dataclass
 class GroupReport:
-    """One (protocol, trainer, cfg, shots) group on one backbone: its table rows and what is wrong or absent."""
+    """One (protocol, trainer, cfg, shots) group on one backbone: its table rows of one metric and what is
+    wrong or absent."""
 
     backbone: str = OPENAI_DEFAULT_BACKBONE
+    metric: str = DEFAULT_METRIC
     rows: list = field(default_factory=list)
     finished: int = 0
     missing: list = field(default_factory=list)  # expected seeds without a folder, with the command to run
     unfinished: list = field(default_factory=list)
     rejected: list = field(default_factory=list)  # logs that contradict their folder
     fallback: list = field(default_factory=list)  # read from Dassl's `* accuracy:` line
+    without_metric: list = field(default_factory=list)  # finished runs that do not report the metric shown
     ignored_seeds: list = field(default_factory=list)
     not_run: list = field(default_factory=list)  # benchmark datasets with no folder at all
 
     @property
     def beside_published(self):
-        """Whether the published numbers (all of OpenAI ViT-B/16) belong beside this table."""
-        return self.backbone == OPENAI_DEFAULT_BACKBONE
+        """Whether the published numbers (accuracies of OpenAI ViT-B/16) belong beside this table."""
+        return self.backbone == OPENAI_DEFAULT_BACKBONE and self.metric == DEFAULT_METRIC
 
 
-def summarise_group(key, runs, root, seeds, published, ci95, backbone=OPENAI_DEFAULT_BACKBONE):
+def summarise_group(key, runs, root, seeds, published, ci95, backbone=OPENAI_DEFAULT_BACKBONE,
+                    metric=DEFAULT_METRIC):
     protocol, trainer, cfg, shots = key
-    accuracies = defaultdict(dict)
-    report = GroupReport(backbone)
+    accuracies = defaultdict(dict)  # the values of `metric`
+    report = GroupReport(backbone, metric)
     if not report.beside_published:
         published = {}
     present = defaultdict(set)
@@ -364,16 +377,18 @@ def summarise_group(key, runs, root, seeds, published, ci95, backbone=OPENAI_DEF
             report.ignored_seeds.append(run.path)
             continue
         present[(run.part, run.dataset)].add(run.seed)
-        if run.log is None:
+        if run.state is None:
             report.unfinished.append(f"{run.path}: no log.txt (never started, or stopped before logging)")
-        elif run.log.accuracy is None:
-            report.unfinished.append(f"{run.path}: {run.log.progress}")
+        elif not run.state.finished:
+            report.unfinished.append(f"{run.path}: {run.state.progress}")
         elif mismatch := run.mismatch():
             report.rejected.append(f"{run.path}: its log reports {mismatch}")
+        elif metric not in run.state.metrics:
+            report.without_metric.append(f"{run.path}: it reports {', '.join(sorted(run.state.metrics))}")
         else:
-            accuracies[(run.part, run.dataset)][run.seed] = run.log.accuracy
+            accuracies[(run.part, run.dataset)][run.seed] = run.state.metrics[metric]
             report.finished += 1
-            if run.log.from_dassl_line:
+            if run.state.from_dassl_line:
                 report.fallback.append(run.path)
 
     # A dataset started in any part is expected in every part, for every seed (xd, dg: one ImageNet training).
@@ -402,9 +417,11 @@ def print_group(key, report, seeds, ci95, name_backbone=False):
     if protocol == "ttt":
         amount = f"from a model trained on {amount}" if shots else "from the identity head"
     backbone = f" | backbone {report.backbone}" if name_backbone else ""
-    print(f"== {protocol} | trainer {trainer} | config {cfg} | {amount}{backbone} | seeds {' '.join(map(str, seeds))} ==")
+    metric = f" | metric {report.metric}" if report.metric != DEFAULT_METRIC else ""
+    print(f"== {protocol} | trainer {trainer} | config {cfg} | {amount}{backbone}{metric} | "
+          f"seeds {' '.join(map(str, seeds))} ==")
     if report.finished:
-        print(render_table(protocol, report.rows, ci95))
+        print(render_table(protocol, report.rows, ci95, report.metric))
     else:
         print("(no finished run)")
     sections = [
@@ -413,6 +430,7 @@ def print_group(key, report, seeds, ci95, name_backbone=False):
         ("Rejected runs (the log contradicts its folder; not counted)", report.rejected),
         ("Read from Dassl's one-decimal `* accuracy:` line (no `* result:` line: a log written by another tool)",
          report.fallback),
+        (f"Finished runs without {report.metric} (logs give only the accuracy; not counted)", report.without_metric),
         ("Seed folders outside --seeds (not counted)", report.ignored_seeds),
     ]
     for title, lines in sections:
@@ -444,7 +462,7 @@ def print_published_fft():
 
 def write_csv(path, summaries, ci95):
     spread = "ci95" if ci95 else "std"
-    columns = ["protocol", "trainer", "cfg", "shots", "backbone", "dataset",
+    columns = ["protocol", "trainer", "cfg", "shots", "backbone", "metric", "dataset",
                "base_mean", f"base_{spread}", "base_seeds", "new_mean", f"new_{spread}", "new_seeds", "hm",
                "acc_mean", f"acc_{spread}", "acc_seeds"]
     try:
@@ -454,7 +472,7 @@ def write_csv(path, summaries, ci95):
             for (protocol, trainer, cfg, shots), report in summaries:
                 for row in report.rows:
                     record = {"protocol": protocol, "trainer": trainer, "cfg": cfg, "shots": shots_text(shots),
-                              "backbone": report.backbone, "dataset": row.label}
+                              "backbone": report.backbone, "metric": report.metric, "dataset": row.label}
                     for column, value in row.values.items():
                         if isinstance(value, Stat):
                             record.update({f"{column}_mean": round(value.mean, 4),
@@ -484,6 +502,9 @@ def parse_args(argv):
     parser.add_argument("output_dir", help="the output root of scripts/rada/*.sh (e.g. output)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), help="only this protocol (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="expected seeds (default: 1 2 3)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, metavar="NAME",
+                        help="the metric shown: any metric of the runs' records, e.g. macro_f1 or zero_shot_accuracy "
+                        "(default: accuracy; runs read from logs have only that)")
     parser.add_argument("--ci95", action="store_true", help="show the 95%% confidence interval instead of the std")
     parser.add_argument("--csv", metavar="PATH", help="also write the tables to this CSV file")
     parser.add_argument("--plot", metavar="FILE", help="also draw each table as a bar chart into this PNG file "
@@ -500,11 +521,20 @@ def main(argv=None):
         return 1
 
 
+def check_metric(metric, runs):
+    """A metric that no finished run reports is a typo or a metric of another version: one error line."""
+    found = sorted({name for run in runs if run.state and run.state.finished for name in run.state.metrics})
+    if found and metric not in found:
+        raise ResultsError(f"no finished run reports the metric {metric!r}; the runs read report: {', '.join(found)} "
+                           "(choose one with --metric)")
+
+
 def report(args):
     """Prints the tables; the exit status is 1 when no finished run was found."""
     seeds = sorted(set(args.seeds))
     root, protocols = resolve_root(args.output_dir, args.protocol)
     runs, odd_folders = discover_runs(root, protocols)
+    check_metric(args.metric, runs)
     published = load_published()
 
     runs_by_table = defaultdict(list)
@@ -517,7 +547,7 @@ def report(args):
         return order.index(protocol), rest, backbone != OPENAI_DEFAULT_BACKBONE, backbone
 
     summaries = [(key, summarise_group(key, runs_by_table[(key, backbone)], root, seeds, published, args.ci95,
-                                       backbone))
+                                       backbone, args.metric))
                  for key, backbone in sorted(runs_by_table, key=table_order)]
 
     name_backbones = any(report.backbone != OPENAI_DEFAULT_BACKBONE for _, report in summaries)

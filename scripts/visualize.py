@@ -150,10 +150,12 @@ class HeadProbe:
     def __call__(self, images):
         import torch
 
+        from trainers.model.rada_head import clip_logits
+
         with torch.no_grad(), self.trainer.precision.autocast():
             output = self.trainer.model(images.to(self.trainer.device))
         image_features, text_features, scale = (x.float() if torch.is_tensor(x) else x for x in self.inputs)
-        zero_shot = (scale * image_features) @ text_features.t()
+        zero_shot = clip_logits(scale, image_features, text_features)
         return output.logits.float(), output.mask.float(), zero_shot, image_features, text_features
 
     def close(self):

@@ -1,5 +1,5 @@
-"""Fake run folders and log.txt files in the formats train.py and Dassl tools write (see dassl-contract.md),
-and scripts/parse_results.py loaded as a module for the tests."""
+"""Fake run folders, log.txt files and results.jsonl records in the formats train.py and Dassl tools write
+(see dassl-contract.md), and scripts/parse_results.py loaded as a module for the tests."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -100,3 +100,16 @@ def record_drawn_charts(monkeypatch):
 
     monkeypatch.setattr(figures.results, "plot_results", keep)
     return drawn
+
+
+def write_record_run(root, part_folder, dataset, seed, metrics, *, trainer=TRAINER, cfg=CFG, shots=16,
+                     subsample="base", split="test", finished=True, backbone="ViT-B/16", log_text=None):
+    """A run folder of the scripts' layout whose results.jsonl holds one record (as train.py appends it),
+    and, with log_text, a log.txt beside it."""
+    from trainers.runs.results import append_record, evaluation_record
+
+    run_dir = write_run(root, part_folder, dataset, seed, log_text, trainer=trainer, cfg=cfg, shots=shots)
+    append_record(run_dir, evaluation_record(
+        run_dir=run_dir, dataset=dataset, subsample=subsample, split=split, shots=shots, seed=seed, trainer=trainer,
+        backbone=backbone, metrics=metrics, finished=finished))
+    return run_dir

@@ -140,10 +140,13 @@ def test_preprocessing_follows_the_backbone_unless_set_otherwise(backbones):
     cfg.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
     cfg.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
     cfg.INPUT.INTERPOLATION = "bicubic"
+    cfg.INPUT.PREPROCESS = "auto"  # the backbone's own for any backbone but OpenAI CLIP
+    cfg.MODEL = CN({"BACKBONE": CN({"NAME": "open_clip:ViT-B-16-SigLIP/webli"})})
     followed, changed = follow_preprocess(cfg, backbones["siglip"].preprocess)
     assert followed.INPUT.SIZE == (64, 64) and followed.INPUT.PIXEL_MEAN == [0.5, 0.5, 0.5]
     assert set(changed) == {"SIZE", "PIXEL_MEAN", "PIXEL_STD"} and cfg.INPUT.SIZE == (224, 224)
-    cfg.INPUT.PIXEL_MEAN = [0.4, 0.4, 0.4]  # the user's own choice stays
+    cfg.INPUT.PREPROCESS = "config"
+    cfg.INPUT.PIXEL_MEAN = [0.4, 0.4, 0.4]  # the user's own choice stays under "config"
     assert follow_preprocess(cfg, backbones["siglip"].preprocess)[0].INPUT.PIXEL_MEAN == [0.4, 0.4, 0.4]
 
 

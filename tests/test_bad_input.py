@@ -43,6 +43,7 @@ def rada_coop(synthetic_data_root, tiny_clip_path, tmp_path):
     ("TRAINER.ADAPTER.RATIO", "half", "half (a str)", "a number in (0, 1]"),
     ("TRAINER.ADAPTER.TEXT", "yes", "yes (a str)", "a bool"),
     ("TRAINER.COOP.PREC", "fp8", "'fp8'", "one of fp16, fp32, amp"),
+    ("INPUT.PREPROCESS", "model", "'model'", "one of auto, backbone, config"),
 ])
 def test_value_out_of_range(key, value, shown, valid, rada_coop):
     line = error_line(rada_coop.train(key, value))

@@ -14,11 +14,13 @@ from tests.conftest import requires_dassl
 from tests.train_harness import FAST_OPTIONS, REPO
 from trainers.config import check_values, defaults
 from trainers.errors import UserFacingError
-from trainers.model.backbones import SHIPPED_INPUT, Preprocess, follow_preprocess
+from trainers.model.backbones import Preprocess, follow_preprocess
+from trainers.model.backbones.openai_clip import OPENAI_MEAN, OPENAI_STD
 from trainers.model.image_resize import ResizeToInput, evaluation_resize
 
-OPENAI = SHIPPED_INPUT["PIXEL_MEAN"], SHIPPED_INPUT["PIXEL_STD"]
+OPENAI = OPENAI_MEAN, OPENAI_STD
 HALF = (0.5,) * 3, (0.5,) * 3
+SIGLIP_NAME = "open_clip:ViT-B-16-SigLIP/webli"
 
 
 def random_image(width, height, seed=0):
@@ -72,11 +74,12 @@ def test_shortest_is_left_to_dassl_and_unknown_modes_are_refused():
 
 # ---- the setting -------------------------------------------------------------------------------
 
-def input_cfg(resize_mode="auto"):
+def input_cfg(resize_mode="auto", backbone="ViT-B/16", preprocess="auto"):
+    """The INPUT of the shipped configs (OpenAI CLIP's preprocessing), for the backbone named."""
     cfg = CN()
-    cfg.INPUT = CN({key: list(value) if isinstance(value, tuple) else value for key, value in SHIPPED_INPUT.items()})
-    cfg.INPUT.SIZE = tuple(SHIPPED_INPUT["SIZE"])
-    cfg.INPUT.RESIZE_MODE = resize_mode
+    cfg.INPUT = CN({"SIZE": (224, 224), "PIXEL_MEAN": list(OPENAI_MEAN), "PIXEL_STD": list(OPENAI_STD),
+                    "INTERPOLATION": "bicubic", "RESIZE_MODE": resize_mode, "PREPROCESS": preprocess})
+    cfg.MODEL = CN({"BACKBONE": CN({"NAME": backbone})})
     return cfg
 
 
@@ -90,10 +93,10 @@ def test_the_setting_defaults_to_the_backbones_own_and_is_checked():
 
 def test_auto_follows_the_backbone_and_a_users_mode_wins():
     siglip = Preprocess(224, (0.5,) * 3, (0.5,) * 3, resize_mode="squash")
-    followed, changed = follow_preprocess(input_cfg(), siglip)
+    followed, changed = follow_preprocess(input_cfg(backbone=SIGLIP_NAME), siglip)
     assert followed.INPUT.RESIZE_MODE == "squash" and changed["RESIZE_MODE"] == "squash"
     for chosen in ("shortest", "longest"):
-        followed, changed = follow_preprocess(input_cfg(chosen), siglip)
+        followed, changed = follow_preprocess(input_cfg(chosen, backbone=SIGLIP_NAME), siglip)
         assert followed.INPUT.RESIZE_MODE == chosen and "RESIZE_MODE" not in changed
     # OpenAI CLIP: "auto" is Dassl's own resize and crop; nothing else changes.
     openai = Preprocess(224, *OPENAI, "bicubic")

@@ -8,10 +8,9 @@ value than the default, its YAML files under configs/trainers/<Trainer>/ say so.
 precision node, the precision rule below. Only yacs is needed: usable and testable without Dassl.
 
 Precision: CLIP's precision is the PREC key of the trainer's family node, TRAINER.<node>.PREC,
-`node` being the trainer's PREC_NODE: COOP for ZeroshotCLIP, CoOp, RAdaCoOp and RAdaCoOpTTT (CoOp's
-own key), MAPLE for MaPLe and RAdaMaPLe (MaPLe's own key), RADA for RAda and RAdaTTT, ADAPTER for
-CLIPAdapter and RAdaAdapter, FT for FT, FLYP and RAdaFT. A PREC of another node that differs from
-its default would be ignored, so it is an error.
+`node` being the prec_node its declaration names (trainers/model/compositions.py; COOP is CoOp's
+own key, MAPLE MaPLe's). A PREC of another node that differs from its default would be ignored, so
+it is an error.
 """
 
 from yacs.config import CfgNode as CN
@@ -23,6 +22,7 @@ PRECISIONS = ("fp16", "fp32", "amp")
 PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
 ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/model/rada_head.py has them
+PREPROCESS_SOURCES = ("auto", "backbone", "config")  # INPUT.PREPROCESS
 
 
 def extend_cfg(cfg):
@@ -44,6 +44,13 @@ def extend_cfg(cfg):
     # "longest" side then black padding, or "auto": the backbone's own mode (trainers/model/image_resize.py).
     # Training augmentation is Dassl's (INPUT.TRANSFORMS) whatever this says.
     cfg.INPUT.RESIZE_MODE = "auto"
+    # Whose image preprocessing a run uses: "backbone" sets INPUT.SIZE, PIXEL_MEAN, PIXEL_STD and
+    # INTERPOLATION to the backbone's own, whatever the config says (the log names what changed);
+    # "config" uses the config's values as they are (a size the model does not take is an error);
+    # "auto" is "config" for OpenAI CLIP (a MODEL.BACKBONE.NAME without "open_clip:" or "hf:"), whose
+    # preprocessing the shipped configs carry, and "backbone" for every other backbone.
+    # INPUT.RESIZE_MODE "auto" is the backbone's under each (trainers/model/backbones/__init__.py).
+    cfg.INPUT.PREPROCESS = "auto"
 
     cfg.TRAINER.COOP = CN()
     cfg.TRAINER.COOP.N_CTX = 16  # number of context tokens
@@ -163,6 +170,7 @@ VALUE_RULES = (
     ("OPTIM.LR", Interval(0)),
     ("DATASET.SUBSAMPLE_CLASSES", OneOf("all", "base", "new")),
     ("INPUT.RESIZE_MODE", OneOf("auto", *RESIZE_MODES)),
+    ("INPUT.PREPROCESS", OneOf(*PREPROCESS_SOURCES)),
     *((f"TRAINER.{node}.PREC", OneOf(*PRECISIONS)) for node in PREC_NODES),
     ("TRAINER.COOP.CLASS_TOKEN_POSITION", OneOf("end", "middle", "front")),
     ("TRAINER.RADA.ALPHA", Interval(0)),

@@ -12,43 +12,34 @@ checkpoint set so that an interrupted run resumes bit for bit.
 """
 
 import logging
-import sys
 
 import torch
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
-from torchvision.transforms import Compose
 
 from .config import check_values
-from .errors import UserFacingError
-from .model.backbones import follow_preprocess, load_backbone
-from .model.compositions import COMPOSITIONS, build_classifier
-from .model.image_resize import evaluation_resize
+from .model.backbones import check_input_size, follow_preprocess, load_backbone
+from .model.compositions import build_classifier, check_backbone_supports
+from .model.image_resize import prepare_evaluation_images
 from .model.precision import Precision
 from .model.rada_head import RAdaHead, rada_loss
 from .runs import distributed
+from .runs.log_output import send_package_logs_to_stdout
 from .runs.progress import EpochProgress
 from .runs.random_state import use_deterministic_algorithms
-from .runs.results import backbone_identity, flatten_config, result_line
+from .runs.results import (
+    KeptResults,
+    append_record,
+    backbone_identity,
+    evaluation_record,
+    flatten_config,
+    result_line,
+)
 from .runs.run_keeper import RunKeeper
 from .runs.schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
-_package_logger = logging.getLogger(__name__.rpartition(".")[0])
-
-
-def _log_to_stdout():
-    """Send this package's log records to stdout, which Dassl tees into log.txt, unless the
-    host program (our train.py or another) has configured logging already."""
-    # Importing dassl.data runs logging.disable(logging.WARNING) (in its wilds module), which
-    # would silence every message below ERROR in the whole process.
-    logging.disable(logging.NOTSET)
-    if not logging.getLogger().handlers and not _package_logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        _package_logger.addHandler(handler)
-        _package_logger.setLevel(logging.INFO)
 
 
 def register_trainer(cls):
@@ -62,8 +53,6 @@ def register_trainer(cls):
         return cls
     TRAINER_REGISTRY.register(cls)  # Dassl's register() returns None when given the class
     return cls
-
-
 
 
 class CLIPTrainer(TrainerX):
@@ -80,11 +69,12 @@ class CLIPTrainer(TrainerX):
             cls.PREC_NODE = cls.composition.prec_node
 
     def __init__(self, cfg):
-        _log_to_stdout()
+        send_package_logs_to_stdout(__name__.rpartition(".")[0])
         if cfg.DETERMINISTIC:  # before the model reaches the GPU (cuBLAS reads its setting once)
             use_deterministic_algorithms()
         super().__init__(cfg)
-        self.evaluator = distributed.sharded_evaluator(self.evaluator)  # distributed: gathers the shards
+        # distributed: gathers the shards; every metric kept for the run's results file
+        self.evaluator = KeptResults(distributed.sharded_evaluator(self.evaluator))
 
     def check_cfg(self, cfg):
         """Dassl calls this first in the constructor, before anything is built."""
@@ -95,11 +85,9 @@ class CLIPTrainer(TrainerX):
         # Dassl builds the data loaders before the model: the backbone is loaded first, so that the
         # images are prepared as the backbone expects (its image size, mean/std, interpolation, resize mode).
         self.dual_encoder = self.load_backbone()
-        self._check_backbone_supports_trainer(self.dual_encoder)
-        self.cfg, changed = follow_preprocess(self.cfg, self.dual_encoder.preprocess)
-        if changed:
-            logger.info("Input preprocessing of %s: %s", self.cfg.MODEL.BACKBONE.NAME,
-                        ", ".join(f"INPUT.{key} {value}" for key, value in changed.items()))
+        check_backbone_supports(self.composition, self.cfg.TRAINER.NAME, self.dual_encoder,
+                                TRAINER_REGISTRY.registered_names())
+        self.cfg, _ = follow_preprocess(self.cfg, self.dual_encoder.preprocess)  # logs what it changed
         with distributed.main_process_first():  # process 0 writes the few-shot cache the others read
             super().build_data_loader()
         # distributed: this process's share of each training batch and of the evaluation images
@@ -108,34 +96,16 @@ class CLIPTrainer(TrainerX):
         )
         self.val_loader = distributed.sharded_loader(self.val_loader)
         self.test_loader = distributed.sharded_loader(self.test_loader)
-        # Evaluation images are brought to INPUT.SIZE the backbone's way (INPUT.RESIZE_MODE; None for
-        # "shortest", Dassl's own), after what some test sets do first (ObjectNet's frame is cut off).
-        resize = evaluation_resize(self.cfg.INPUT.RESIZE_MODE, self.cfg.INPUT.SIZE, self.cfg.INPUT.INTERPOLATION)
-        pre_transform = getattr(self.dm.dataset, "test_pre_transform", None)
-        for step in (pre_transform, resize):
-            if step is not None:
-                logger.info(str(step))
-        for loader, steps in ((self.val_loader, [resize]), (self.test_loader, [pre_transform, resize])):
-            steps = [step for step in steps if step is not None]
-            if loader is not None and steps:
-                loader.dataset.transform = Compose([*steps, loader.dataset.transform])
+        steps = prepare_evaluation_images(self.val_loader, self.test_loader, self.cfg.INPUT,
+                                          getattr(self.dm.dataset, "test_pre_transform", None))
+        for step in steps:
+            logger.info(str(step))
 
     # ---- model --------------------------------------------------------------------------------
     def load_backbone(self):
         backbone = self.cfg.MODEL.BACKBONE
         logger.info("Loading CLIP (backbone: %s)", backbone.NAME)
         return load_backbone(backbone.NAME, weights=backbone.WEIGHTS, cache_dir=backbone.CACHE_DIR or None)
-
-    def _check_backbone_supports_trainer(self, backbone):
-        if not self.composition.learns_prompts or backbone.text_encoder.takes_embeddings:
-            return
-        registered = TRAINER_REGISTRY.registered_names()
-        supported = [name for name, declared in COMPOSITIONS.items()
-                     if name in registered and not declared.learns_prompts]
-        raise UserFacingError(
-            f"{self.cfg.TRAINER.NAME} learns prompt embeddings, which is not supported for this backbone "
-            f"({backbone.name}: its text tower takes token ids only). Trainers supported on it: {', '.join(supported)}."
-        )
 
     def build_classifier(self, backbone, classnames):
         """(classifier, {registered name: trained module}) of this trainer's composition."""
@@ -144,7 +114,7 @@ class CLIPTrainer(TrainerX):
     def build_model(self):
         self.precision = Precision(self.composition.precision(self.cfg), self.device)
         backbone = self.dual_encoder
-        self._check_input_size(backbone)
+        check_input_size(self.cfg.INPUT.SIZE, self.cfg.MODEL.BACKBONE.NAME, backbone.preprocess)
         self.precision.cast_clip(backbone)
         self.backbone = backbone.signature()
         logger.info("CLIP: %s; precision %s", backbone.describe(), self.precision.mode)
@@ -162,15 +132,6 @@ class CLIPTrainer(TrainerX):
             config=flatten_config(self.cfg), modules=self._models, optimizers=self._optims, schedulers=self._scheds,
             scaler=self.scaler, random_loaders={"train_loader_x": self.train_loader_x}, model=self.model,
         )
-
-    def _check_input_size(self, backbone):
-        expected = backbone.preprocess.image_size
-        size = tuple(self.cfg.INPUT.SIZE)
-        if size != (expected, expected):
-            raise UserFacingError(
-                f"INPUT.SIZE is {size} but {self.cfg.MODEL.BACKBONE.NAME} takes {expected} px images: "
-                f"add `INPUT.SIZE ({expected},{expected})` to the command line or the config."
-            )
 
     def build_optimization(self, name, module):
         """(optimiser, scheduler) of a registered module: Dassl's optimiser over its trainable
@@ -267,21 +228,32 @@ class CLIPTrainer(TrainerX):
             super().init_writer(log_dir)
 
     def evaluate(self, split):
-        """Accuracy on `split` ("val" or "test"): Dassl's evaluation loop over its loader."""
+        """Every metric on `split` ("val" or "test"): Dassl's evaluation loop over its loader."""
         distributed.broadcast_buffers(self._models.values())  # every shard evaluated by the same model
-        return super().test(split)
+        super().test(split)
+        return self.evaluator.results
 
     def test(self, split=None):
+        """Evaluates on `split` (TEST.SPLIT by default: the run's final evaluation); prints the result line
+        and appends the run's results record. Returns the first metric (accuracy), as Dassl's test does."""
         cfg = self.cfg
         evaluated = split or cfg.TEST.SPLIT
         if evaluated == "val" and self.val_loader is None:
             evaluated = "test"
-        accuracy = self.evaluate(evaluated)
-        # Program output like Dassl's result block (printed, so it reaches log.txt in any host).
-        print(result_line(dataset=cfg.DATASET.NAME, subsample=cfg.DATASET.SUBSAMPLE_CLASSES, split=evaluated,
-                          shots=cfg.DATASET.NUM_SHOTS, seed=cfg.SEED, trainer=cfg.TRAINER.NAME, accuracy=accuracy,
-                          backbone=backbone_identity(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS)))
+        metrics = self.evaluate(evaluated)
+        accuracy = next(iter(metrics.values()))
+        fields = dict(dataset=cfg.DATASET.NAME, subsample=cfg.DATASET.SUBSAMPLE_CLASSES, split=evaluated,
+                      shots=cfg.DATASET.NUM_SHOTS, seed=cfg.SEED, trainer=cfg.TRAINER.NAME,
+                      backbone=backbone_identity(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS))
+        print(result_line(**fields, accuracy=accuracy))  # for people, and for tools that read logs
+        self._append_record(fields, metrics, finished=split is None)
         return accuracy
+
+    @distributed.on_main_process
+    def _append_record(self, fields, metrics, finished):
+        if self.cfg.OUTPUT_DIR:
+            append_record(self.cfg.OUTPUT_DIR, evaluation_record(run_dir=self.cfg.OUTPUT_DIR, metrics=metrics,
+                                                                 finished=finished, **fields))
 
     # ---- checkpoints (trainers/runs/run_keeper.py) ---------------------------------------------
     def after_epoch(self):

@@ -18,8 +18,8 @@ from torchvision import transforms as T
 
 from .engine import CLIPTrainer, register_trainer
 from .errors import UserFacingError
-from .model.compositions import COMPOSITIONS
 from .model.ttt import TestTimeAdapter, TestTimeTally, TestTimeViews
+from .rada_trainers import RAda, RAdaCoOp
 from .runs import distributed
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 class TestTimeTrainer(CLIPTrainer):
     """Test-time training of the classifier of another trainer of this project, whose classifier has
-    a RAda head: a registered trainer declares that trainer's composition and its name (SOURCE)."""
+    a RAda head. A registered trainer lists both: `class RAdaTTT(TestTimeTrainer, RAda)`; that trainer
+    brings its composition, this class the behaviour (checks, data, model set-up, loading, training
+    and evaluation), so the order of the bases does not matter."""
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -78,7 +80,7 @@ class TestTimeTrainer(CLIPTrainer):
 
     @torch.no_grad()
     def evaluate(self, split):
-        """Test-time train on each image of the split in turn; its accuracy, and the zero-shot one."""
+        """Test-time train on each image of the split in turn; its metrics, and the zero-shot accuracy."""
         cfg, ttt = self.cfg, self.cfg.TRAINER.TTT
         loader = self.val_loader if split == "val" else self.test_loader
         adapter = TestTimeAdapter(
@@ -115,23 +117,21 @@ class TestTimeTrainer(CLIPTrainer):
         print(f"* zero-shot accuracy: {zero_shot:.2f}% (the same model before test-time training; "
               f"after: {accuracy:.2f}%)")
         self.write_scalar(f"{split}/zero_shot_accuracy", zero_shot, self.epoch)
-        return accuracy
+        return {**results, "zero_shot_accuracy": zero_shot}
 
 
 @register_trainer
-class RAdaTTT(TestTimeTrainer):
+class RAdaTTT(TestTimeTrainer, RAda):
     """Test-time training of RAda's classifier: hand-crafted prompts and the head (the head adapts)."""
 
-    composition = COMPOSITIONS["RAdaTTT"]
     SOURCE = "RAda"
 
 
 @register_trainer
-class RAdaCoOpTTT(TestTimeTrainer):
+class RAdaCoOpTTT(TestTimeTrainer, RAdaCoOp):
     """Test-time training of RAdaCoOp's classifier: the head adapts, and the CoOp context too with
     TRAINER.TTT.ADAPT_PROMPTS True."""
 
-    composition = COMPOSITIONS["RAdaCoOpTTT"]
     SOURCE = "RAdaCoOp"
 
 

@@ -103,6 +103,18 @@ def composition_of(trainer):
     return COMPOSITIONS[trainer]
 
 
+def check_backbone_supports(composition, trainer, backbone, trainers):
+    """A trainer that learns prompt embeddings needs a text tower that takes them; the error names
+    those of `trainers` (the registered ones) that run on this backbone."""
+    if not composition.learns_prompts or backbone.text_encoder.takes_embeddings:
+        return
+    supported = [name for name in trainers if name in COMPOSITIONS and not COMPOSITIONS[name].learns_prompts]
+    raise UserFacingError(
+        f"{trainer} learns prompt embeddings, which is not supported for this backbone "
+        f"({backbone.name}: its text tower takes token ids only). Trainers supported on it: {', '.join(supported)}."
+    )
+
+
 def build_adapter(cfg, width):
     adapter = cfg.TRAINER.ADAPTER
     if width // adapter.REDUCTION < 1:

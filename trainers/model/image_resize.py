@@ -70,3 +70,17 @@ def evaluation_resize(mode, size, interpolation):
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     return None if mode == "shortest" else ResizeToInput(mode, size, interpolation)
+
+
+def prepare_evaluation_images(val_loader, test_loader, input_cfg, test_pre_transform=None):
+    """Put in front of each evaluation loader's transform what brings its images to INPUT.SIZE the
+    backbone's way (INPUT.RESIZE_MODE), after what a test set does first (`test_pre_transform`, e.g.
+    ObjectNet's frame cut off). Returns the steps put there, for the log."""
+    from torchvision.transforms import Compose  # here: trainers/config.py imports this module for RESIZE_MODES
+
+    resize = evaluation_resize(input_cfg.RESIZE_MODE, input_cfg.SIZE, input_cfg.INTERPOLATION)
+    for loader, steps in ((val_loader, [resize]), (test_loader, [test_pre_transform, resize])):
+        steps = [step for step in steps if step is not None]
+        if loader is not None and steps:
+            loader.dataset.transform = Compose([*steps, loader.dataset.transform])
+    return [step for step in (test_pre_transform, resize) if step is not None]

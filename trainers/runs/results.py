@@ -1,15 +1,19 @@
-"""The results contract, defined once: the `* result:` line our trainers print, the run-folder
-layout of the protocol scripts, when a run folder holds a finished run, and the command that
-(re)creates a run. train.py, scripts/parse_results.py and scripts/rada/common.sh (through the
-command line below) all ask this module; it needs only the standard library.
+"""The results contract, defined once: the results file of a run folder (one record per evaluation),
+the `* result:` line our trainers print, the run-folder layout of the protocol scripts, when a run
+folder holds a finished run, and the command that (re)creates a run. train.py,
+scripts/parse_results.py and scripts/rada/common.sh (through the command line below) all ask this
+module; it needs only the standard library.
 
     python -m trainers.runs.results finished RUN_DIR           # exit 0 when RUN_DIR holds a finished run
     python -m trainers.runs.results progress RUN_DIR           # how far its log got
     python -m trainers.runs.results check RUN_DIR [ARGV ...]   # skip (0), run (1) or stop (3), with the message
     python -m trainers.runs.results rerun SCRIPT ARG ... [--env KEY=VALUE ...] [--prefix PREFIX]
 
-A run's log is `log.txt`, and every rerun into the same folder adds `log.txt-<timestamp>` (Dassl's
-logger never overwrites): the run's state is read from all of them, in the order they were written.
+A run's state comes from its results file `results.jsonl` where the folder has one: train.py appends
+a record (one JSON object per line) after every evaluation, its metrics as numbers, and marks the
+final test evaluation of the run finished. Folders without one (runs of older versions, CoOp /
+MaPLe logs) are read from their logs: `log.txt`, and the `log.txt-<timestamp>` that every rerun into
+the same folder adds (Dassl's logger never overwrites), in the order they were written.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserFacingError
@@ -55,10 +60,25 @@ PARTS = (
 PART = {part.name: part for part in PARTS}
 PROTOCOLS = tuple(dict.fromkeys(part.protocol for part in PARTS))
 ALL_SHOTS = -1  # shots_all: every training image (DATASET.NUM_SHOTS -1)
+SHOTS_FOLDER = re.compile(r"shots_(\d+|all)")
+SEED_FOLDER = re.compile(r"seed(\d+)")
 
 
 def parts_of(protocol):
     return tuple(part for part in PARTS if part.protocol == protocol)
+
+
+def layout_place(run_dir):
+    """(part, cfg) of a run folder inside the scripts' layout, None for a folder elsewhere."""
+    names = Path(os.path.abspath(run_dir)).parts
+    if len(names) < 7 or not (SEED_FOLDER.fullmatch(names[-1]) and SHOTS_FOLDER.fullmatch(names[-4])):
+        return None
+    for part in PARTS:
+        folder = tuple(part.folder.split("/"))
+        start = len(names) - 5 - len(folder)
+        if start >= 1 and names[start:-5] == folder:
+            return part, names[-2]
+    return None
 
 
 def shots_text(shots):
@@ -115,6 +135,125 @@ def result_fields(line):
     return fields
 
 
+# ---- the results file: one record per evaluation --------------------------------------------------
+
+RECORDS_NAME = "results.jsonl"
+RECORD_FORMAT = 1
+RESULT_FIELDS = ("dataset", "subsample", "split", "shots", "seed", "trainer", "backbone")  # those of the result line
+RECORD_KEYS = ("split", "finished", "metrics")  # what reading a run's state needs of every record
+DEFAULT_METRIC = "accuracy"  # the metric results show unless asked for another; the only one logs give
+TAIL_CHUNK = 4096
+
+
+def evaluation_record(*, run_dir, dataset, subsample, split, shots, seed, trainer, backbone, metrics, finished):
+    """The record of one evaluation of the run in run_dir, for append_record.
+
+    metrics: the evaluator's {name: value} (Dassl's accuracy, error_rate, macro_f1 in percent) and what
+    a trainer adds (zero_shot_accuracy for test-time training). finished: True for the run's final
+    test evaluation, False for an intermediate one. backbone as backbone_identity names it. The config
+    name and the protocol come from the folder's place in the scripts' layout; outside it the config is
+    the stem of the --config-file that run.json records, and the protocol "".
+    """
+    if not metrics:
+        raise ValueError("an evaluation record needs at least one metric")
+    place = layout_place(run_dir)
+    return {
+        "format": RECORD_FORMAT,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": bool(finished),
+        "protocol": place[0].protocol if place else "",
+        "config": place[1] if place else _config_file_stem(run_dir),
+        "dataset": dataset,
+        "subsample": subsample,
+        "split": split,
+        "shots": int(shots),
+        "seed": int(seed),
+        "trainer": trainer,
+        "backbone": backbone,
+        "metrics": {str(name): float(value) for name, value in metrics.items()},  # tensors and numpy scalars too
+    }
+
+
+def _config_file_stem(run_dir):
+    argv = read_run_record(run_dir).get("argv", [])
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--config-file":
+            return Path(value).stem
+    return ""
+
+
+def append_record(run_dir, record):
+    """Appends `record` to run_dir/results.jsonl as one line, on disk when this returns.
+
+    The whole line goes out in one write, then fsync: a process killed meanwhile leaves at most an
+    incomplete last line, which read_records skips and the next append cuts off first.
+    """
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(Path(run_dir) / RECORDS_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        _cut_incomplete_line(descriptor)
+        written = 0
+        while written < len(line):  # a regular file takes it at once; a partial write is resumed, not lost
+            written += os.write(descriptor, line[written:])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _cut_incomplete_line(descriptor):
+    """Truncates the file after its last newline (a no-op for a file that ends with one)."""
+    end = position = os.lseek(descriptor, 0, os.SEEK_END)
+    keep = 0
+    while position > 0:
+        start = max(0, position - TAIL_CHUNK)
+        os.lseek(descriptor, start, os.SEEK_SET)
+        newline = os.read(descriptor, position - start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        position = start
+    if keep < end:
+        os.ftruncate(descriptor, keep)
+
+
+def read_records(run_dir):
+    """The records of run_dir/results.jsonl, oldest first ([] without that file).
+
+    An incomplete last line (a write cut short by a kill) is skipped; any other line that is not a
+    record is a ResultsError naming the file, the line and the fix.
+    """
+    path = Path(run_dir) / RECORDS_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ResultsError(f"{path} is unreadable ({error.strerror}); make it readable, or delete it to read "
+                           "the run from its log.txt.") from None
+    *lines, _incomplete = data.split(b"\n")  # what follows the last newline: nothing, or a torn write
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ResultsError(_bad_record(path, number, f"not JSON: {error}")) from None
+        if not isinstance(record, dict):
+            raise ResultsError(_bad_record(path, number, "not a JSON object"))
+        absent = [key for key in RECORD_KEYS if key not in record]
+        if absent or not isinstance(record["metrics"], dict):
+            raise ResultsError(_bad_record(path, number, f"no {', '.join(absent) or 'metrics object'}"))
+        records.append(record)
+    return records
+
+
+def _bad_record(path, number, why):
+    return (f"{path}, line {number} is not an evaluation record ({why}). train.py writes one line per "
+            "evaluation; delete that line, or the whole file to read the run from its log.txt instead.")
+
+
 # ---- reading logs ---------------------------------------------------------------------------------
 
 LOG_NAME = "log.txt"
@@ -125,15 +264,25 @@ FINISHED_TRAINING = re.compile(r"Finish(ed)? training")
 
 
 @dataclass
-class LogResult:
-    """What a log says. accuracy is None when it holds no test result of a complete run."""
+class RunState:
+    """What a run folder (its records, else its logs) or one log says: finished when it holds the test
+    result of a complete run, whose metrics (a log gives only the accuracy) are in `metrics`."""
 
-    accuracy: float | None
-    fields: dict = field(default_factory=dict)  # metadata of our `* result:` line
+    metrics: dict  # {} for a run that is not finished
+    fields: dict = field(default_factory=dict)  # the result line's metadata (a record's fields, as text)
     from_dassl_line: bool = False  # read from Dassl's one-decimal `* accuracy:` line (other tools' logs)
     progress: str = ""  # how far an unfinished run got
     reached: str = ""  # its last epoch line as printed, e.g. "epoch [3/5] batch [20/40]"
     informative: bool = True  # it shows training or a result (a run that crashed at start-up does not)
+
+    @property
+    def finished(self):
+        return bool(self.metrics)
+
+    @property
+    def accuracy(self):
+        """The accuracy (percent) of a finished run, None otherwise."""
+        return self.metrics.get("accuracy")
 
 
 def parse_log(path):
@@ -172,17 +321,17 @@ def parse_log(path):
     if started and not trained:
         epoch, epochs, batch, batches = last_epoch.groups()
         where = f"stopped at epoch {epoch}/{epochs}" + (f", batch {batch}/{batches}" if batch else "")
-        return LogResult(None, progress=where, reached=reached)
+        return RunState({}, progress=where, reached=reached)
     if ours is not None:
-        return LogResult(_accuracy_of(ours), fields=ours, reached=reached)
+        return RunState({"accuracy": _accuracy_of(ours)}, fields=ours, reached=reached)
     if dassl is not None:
-        return LogResult(dassl, from_dassl_line=True, reached=reached)
+        return RunState({"accuracy": dassl}, from_dassl_line=True, reached=reached)
     if trained:
-        return LogResult(None, progress="training finished but the log has no test result", reached=reached)
+        return RunState({}, progress="training finished but the log has no test result", reached=reached)
     if not last_line:
-        return LogResult(None, progress="log.txt is empty", informative=False)
-    return LogResult(None, progress=f"no training epoch or test result; last line: {last_line[:100]!r}",
-                     informative=False)
+        return RunState({}, progress="log.txt is empty", informative=False)
+    return RunState({}, progress=f"no training epoch or test result; last line: {last_line[:100]!r}",
+                    informative=False)
 
 
 def _accuracy_of(fields):
@@ -201,6 +350,26 @@ def log_files(run_dir):
 
 
 def read_run(run_dir):
+    """The state of a run folder (None: no log and no results file).
+
+    With a results file, the run is finished when a record of a final test evaluation is in it
+    (the last such record is the result); how far its training got still comes from the logs.
+    Without one, the state comes from the logs alone, as read_logs reads them.
+    """
+    logs = read_logs(run_dir)
+    if not (Path(run_dir) / RECORDS_NAME).is_file():
+        return logs
+    reached = logs.reached if logs else ""
+    final = [record for record in read_records(run_dir) if record["finished"] is True and record["split"] == "test"]
+    if final:
+        fields = {key: str(final[-1][key]) for key in RESULT_FIELDS if key in final[-1]}
+        return RunState(dict(final[-1]["metrics"]), fields=fields, reached=reached)
+    if logs and not logs.finished:
+        return RunState({}, progress=logs.progress, reached=reached)
+    return RunState({}, progress=f"{RECORDS_NAME} holds no final test evaluation", reached=reached)
+
+
+def read_logs(run_dir):
     """The state of a run folder from all its logs (None: no log at all).
 
     Each log is one process. The run is where the latest log that shows training or a result
@@ -216,7 +385,7 @@ def read_run(run_dir):
 
 def run_finished(run_dir):
     state = read_run(run_dir)
-    return state is not None and state.accuracy is not None
+    return state is not None and state.finished
 
 
 def run_progress(run_dir):
@@ -345,16 +514,35 @@ def check_run(run_dir, argv):
     if stored is not None:
         changed = differences(stored, request_of(argv))
         if changed:
-            what = "a finished run" if state is not None and state.accuracy is not None else "a run"
+            what = "a finished run" if state is not None and state.finished else "a run"
             return STOP, (f"{run_dir} holds {what} made with other settings ({'; '.join(changed)}): "
                           f"{RETRAIN_CHOICES}.")
     if state is None:
         return RUN, ""
-    if state.accuracy is not None:
+    if state.finished:
         return SKIP, (f"Skipping: {run_dir} already holds a finished run (delete that folder, or set FORCE=1, "
                       "to run it again).")
     return RUN, (f"Found an unfinished run in {run_dir} (log reached: {run_progress(run_dir)}); running it again "
                  "(training resumes from its last complete checkpoint).")
+
+
+class KeptResults:
+    """A Dassl-style evaluator (reset / process / evaluate), unchanged in every other respect, whose
+    last results, every metric, stay readable as `results`: Dassl's evaluation loop returns only the
+    first."""
+
+    def __init__(self, evaluator):
+        self._wrapped = evaluator
+        self.results = {}
+
+    def __getattr__(self, name):  # only for what this class does not define
+        if name == "_wrapped":  # not set yet (e.g. a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._wrapped, name)
+
+    def evaluate(self):
+        self.results = dict(self._wrapped.evaluate())
+        return self.results
 
 
 def main(argv=None):

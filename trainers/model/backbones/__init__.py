@@ -13,6 +13,7 @@ package is not importable as `trainers`).
 """
 
 import importlib
+import logging
 
 from .base import (  # noqa: F401  (the interface, re-exported)
     OBJECTIVES,
@@ -32,6 +33,8 @@ BACKENDS = {
     "hf:": ".hf",
 }
 DEFAULT_BACKEND = ".openai_clip"
+
+logger = logging.getLogger(__name__)
 
 
 def register_backend(prefix, module_path):
@@ -70,44 +73,78 @@ def as_backbone(model):
     return ClipBackbone(model)
 
 
-# The input settings every shipped config carries: OpenAI CLIP's preprocessing.
-SHIPPED_INPUT = {
-    "SIZE": (224, 224),
-    "PIXEL_MEAN": (0.48145466, 0.4578275, 0.40821073),
-    "PIXEL_STD": (0.26862954, 0.26130258, 0.27577711),
-    "INTERPOLATION": "bicubic",
-}
+# The INPUT keys that INPUT.PREPROCESS gives to the backbone or leaves to the config (RESIZE_MODE has its own "auto").
+PREPROCESS_KEYS = ("SIZE", "PIXEL_MEAN", "PIXEL_STD", "INTERPOLATION")
 
 
-def _same(a, b):
-    if isinstance(a, str) or isinstance(b, str):
-        return a == b
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-7 for x, y in zip(a, b, strict=True))
+def is_openai_clip(name):
+    """Whether MODEL.BACKBONE.NAME goes to the OpenAI clip backend (a name without a registered prefix)."""
+    return split_name(name)[0] == DEFAULT_BACKEND
+
+
+def preprocess_source(cfg):
+    """Whose values INPUT.SIZE, PIXEL_MEAN, PIXEL_STD and INTERPOLATION take, "backbone" or "config",
+    as INPUT.PREPROCESS says. "auto" is "config" for OpenAI CLIP, whose preprocessing the shipped
+    configs carry, and "backbone" for any other backbone. Known from the name, before loading."""
+    if cfg.INPUT.PREPROCESS != "auto":
+        return cfg.INPUT.PREPROCESS
+    return "config" if is_openai_clip(cfg.MODEL.BACKBONE.NAME) else "backbone"
+
+
+def backbone_input_keys(cfg):
+    """The INPUT keys whose values the loaded backbone gives under `cfg`, whatever the config says:
+    PREPROCESS_KEYS where preprocess_source says "backbone", and RESIZE_MODE where it is "auto"
+    (where the config has the key)."""
+    keys = PREPROCESS_KEYS if preprocess_source(cfg) == "backbone" else ()
+    return keys + (("RESIZE_MODE",) if cfg.INPUT.get("RESIZE_MODE") == "auto" else ())
 
 
 def follow_preprocess(cfg, preprocess):
-    """(cfg, {key: value changed}): INPUT.SIZE, PIXEL_MEAN, PIXEL_STD and INTERPOLATION set to the
-    backbone's own preprocessing wherever they hold the OpenAI CLIP values the shipped configs carry;
-    a value set to anything else was chosen by the user and is kept. INPUT.RESIZE_MODE "auto" (where
-    the config has the key) becomes the backbone's resize mode; any other value is the user's. For
-    OpenAI models only "auto" changes, to "shortest" (Dassl's own test transform)."""
-    wanted = {
+    """(cfg, {key: value changed}): the config with the INPUT keys of backbone_input_keys set to the
+    backbone's own preprocessing `preprocess` (a Preprocess); the other INPUT keys stay as the config
+    has them. What the backbone changed is logged."""
+    own = {
         "SIZE": (preprocess.image_size, preprocess.image_size),
         "PIXEL_MEAN": tuple(preprocess.mean),
         "PIXEL_STD": tuple(preprocess.std),
         "INTERPOLATION": preprocess.interpolation,
+        "RESIZE_MODE": preprocess.resize_mode,
     }
-    changed = {
-        key: value for key, value in wanted.items()
-        if _same(cfg.INPUT[key], SHIPPED_INPUT[key]) and not _same(cfg.INPUT[key], value)
-    }
-    if cfg.INPUT.get("RESIZE_MODE") == "auto":
-        changed["RESIZE_MODE"] = preprocess.resize_mode
+    changed = {}
+    for key in backbone_input_keys(cfg):
+        # In the config's own type: Dassl's SIZE is a tuple, its mean and std lists.
+        value = own[key] if isinstance(own[key], str) else type(cfg.INPUT[key])(own[key])
+        if value != cfg.INPUT[key]:
+            changed[key] = value
+    _log_preprocess(cfg, changed)
     if not changed:
         return cfg, changed
     cfg = cfg.clone()
     cfg.defrost()
     for key, value in changed.items():
-        cfg.INPUT[key] = value if isinstance(value, str) else type(cfg.INPUT[key])(value)
+        cfg.INPUT[key] = value
     cfg.freeze()
     return cfg, changed
+
+
+def _log_preprocess(cfg, changed):
+    name, setting = cfg.MODEL.BACKBONE.NAME, cfg.INPUT.PREPROCESS
+    if preprocess_source(cfg) == "backbone":
+        values = ", ".join(f"INPUT.{key} {value}" for key, value in changed.items()) or "no INPUT value changed"
+        logger.info("Input preprocessing of %s: the backbone's own (INPUT.PREPROCESS %s): %s; "
+                    "INPUT.PREPROCESS config keeps the config's values.", name, setting, values)
+    else:  # only an "auto" resize mode changes
+        mode = f"; INPUT.RESIZE_MODE auto: the backbone's {changed['RESIZE_MODE']}" if changed else ""
+        logger.info("Input preprocessing of %s: the config's INPUT values (INPUT.PREPROCESS %s)%s.", name, setting, mode)
+
+
+def check_input_size(input_size, name, preprocess):
+    """Refuse an INPUT.SIZE other than the image size of the model MODEL.BACKBONE.NAME `name` takes."""
+    expected = preprocess.image_size
+    size = tuple(input_size)
+    if size != (expected, expected):
+        raise BackboneError(
+            f"INPUT.SIZE is {size} but {name} takes {expected} px images: set `INPUT.SIZE ({expected},{expected})` "
+            "on the command line or in the config, or `INPUT.PREPROCESS backbone` to use the model's own "
+            "preprocessing."
+        )
