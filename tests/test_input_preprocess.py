@@ -142,6 +142,7 @@ def siglip_run(siglip_name, synthetic_data_root, tmp_path):
     return TrainRun("ZeroshotCLIP", "vit_b16", synthetic_data_root, siglip_name, tmp_path, in_process=True)
 
 
+@pytest.mark.e2e  # builds trainers through train.py
 @requires_dassl
 def test_run_json_holds_the_config_the_run_used_and_the_same_command_reuses_the_folder(siglip_run):
     first = build_only(siglip_run)
@@ -160,6 +161,7 @@ def test_run_json_holds_the_config_the_run_used_and_the_same_command_reuses_the_
     assert "INPUT.PREPROCESS: was auto, now config" in refusal(build_only(siglip_run, "INPUT.PREPROCESS", "config"))
 
 
+@pytest.mark.e2e  # builds trainers through train.py
 @requires_dassl
 def test_the_trainers_config_is_compared_in_full_once_built(siglip_run):
     assert build_only(siglip_run).returncode == 0
@@ -183,6 +185,7 @@ def write_old_record(run, *options):
     return config
 
 
+@pytest.mark.e2e  # builds trainers through train.py
 @requires_dassl
 def test_a_run_json_of_the_previous_version_is_accepted(siglip_run):
     old = write_old_record(siglip_run)
@@ -199,6 +202,7 @@ def test_a_run_json_of_the_previous_version_is_accepted(siglip_run):
     assert "INPUT.RESIZE_MODE: was longest, now squash" in refusal(build_only(siglip_run))
 
 
+@pytest.mark.e2e  # builds trainers through train.py
 @requires_dassl
 def test_a_committed_run_of_the_previous_version_is_accepted(synthetic_data_root, tiny_clip_path, tmp_path):
     """The OpenAI CLIP run of tests/fixtures/run_077bb5f (see its README.txt), its run.json as written."""

@@ -114,7 +114,8 @@ def test_parameters_do_not_depend_on_the_number_of_classes():
         assert logits.shape == (2, classes)
 
 
-def test_no_saved_tensor_grows_quadratically_in_classes():
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-text", "per-image-text"])
+def test_no_saved_tensor_grows_quadratically_in_classes(per_image):
     batch, classes, dim, heads = 2, 96, 16, 4
     head = random_head(dim, heads, 1.0, dtype=torch.float32, block_elements=4096)
     saved = []
@@ -123,8 +124,9 @@ def test_no_saved_tensor_grows_quadratically_in_classes():
         saved.append(tensor.numel())
         return tensor
 
+    text = normalized(*((batch,) if per_image else ()), classes, dim, dtype=torch.float32)  # (B, K, D) or (K, D)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, mask = head(normalized(batch, dim, dtype=torch.float32), normalized(classes, dim, dtype=torch.float32), 100.0)
+        logits, mask = head(normalized(batch, dim, dtype=torch.float32), text, 100.0)
     logits.sum().backward()
     assert max(saved) <= batch * classes * dim
     assert max(saved) < batch * heads * classes * classes / 10
