@@ -185,6 +185,7 @@ def base_cfg(small):
         cfg = extend_cfg(get_cfg_default())
     except ImportError:
         cfg = defaults()
+        cfg.DATASET.NAME = ""  # Dassl's key, which the trainers' prompt templates read
     if small:
         cfg.TRAINER.MAPLE.PROMPT_DEPTH = 2  # the tiny CLIP has two layers per encoder
     return cfg
