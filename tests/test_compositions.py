@@ -75,8 +75,8 @@ def test_fine_tuning_trains_what_trainer_ft_says_in_the_registered_order(clip_mo
 def test_an_undeclared_trainer_is_one_clear_error():
     from trainers.errors import UserFacingError
 
-    with pytest.raises(UserFacingError, match="No composition is declared for trainer 'CoCoOp'; declared: "):
-        composition_of("CoCoOp")
+    with pytest.raises(UserFacingError, match="No composition is declared for trainer 'NoSuchTrainer'; declared: "):
+        composition_of("NoSuchTrainer")
 
 
 def default_cfg():

@@ -13,9 +13,12 @@ from trainers.errors import UserFacingError
 PREC_NODE_OF = {
     "ZeroshotCLIP": "COOP", "CoOp": "COOP", "RAdaCoOp": "COOP", "RAdaCoOpTTT": "COOP",
     "MaPLe": "MAPLE", "RAdaMaPLe": "MAPLE",
+    "KgCoOp": "COOP", "RAdaKgCoOp": "COOP", "ProGrad": "COOP", "RAdaProGrad": "COOP",
+    "CoCoOp": "COCOOP", "RAdaCoCoOp": "COCOOP",
     "RAda": "RADA", "RAdaTTT": "RADA",
     "CLIPAdapter": "ADAPTER", "RAdaAdapter": "ADAPTER",
     "FT": "FT", "FLYP": "FT", "RAdaFT": "FT",
+    "CLIPLoRA": "LORA", "RAdaLoRA": "LORA",
 }
 CONFIGS = sorted(glob.glob(os.path.join("configs", "trainers", "*", "*.yaml")))
 

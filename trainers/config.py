@@ -19,10 +19,14 @@ from .errors import UserFacingError
 from .model.image_resize import RESIZE_MODES
 
 PRECISIONS = ("fp16", "fp32", "amp")
-PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT")
+PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT", "COCOOP", "LORA")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
 ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/model/rada_head.py has them
 PREPROCESS_SOURCES = ("auto", "backbone", "config")  # INPUT.PREPROCESS
+# TRAINER.LORA's choices, CLIP-LoRA's names (trainers/model/lora.py says what each selects).
+LORA_ENCODERS = ("text", "vision", "both")
+LORA_POSITIONS = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top3")
+LORA_PROJECTIONS = ("q", "k", "v", "o")
 
 
 def extend_cfg(cfg):
@@ -82,6 +86,27 @@ def extend_cfg(cfg):
     cfg.TRAINER.MAPLE.PREC = "fp16"  # fp16, fp32 or amp
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers of each encoder given prompts; 1 = the input only
 
+    # CoCoOp (and RAdaCoCoOp): CoOp's context shifted per image by a meta-net; CoCoOp's own keys and defaults.
+    cfg.TRAINER.COCOOP = CN()
+    cfg.TRAINER.COCOOP.N_CTX = 16  # number of context tokens (ignored with CTX_INIT: its words set it)
+    cfg.TRAINER.COCOOP.CTX_INIT = ""  # initialise the context from these words, e.g. "a photo of a"
+    cfg.TRAINER.COCOOP.PREC = "fp16"  # fp16, fp32 or amp
+
+    # KgCoOp and RAdaKgCoOp: CoOp's context (TRAINER.COOP's keys and precision, which KgCoOp's code reads
+    # too) plus W x (1 - mean cosine between the prompted and the hand-written class features).
+    # KgCoOp's CTX_INIT True stands for "a photo of a", which its configs here write out.
+    cfg.TRAINER.KGCOOP = CN()
+    cfg.TRAINER.KGCOOP.W = 1.0  # KgCoOp's default; its scripts and the configs here use 8.0
+
+    # ProGrad and RAdaProGrad: CoOp's context (TRAINER.COOP's keys and precision, as ProGrad's code) moved
+    # along the cross-entropy gradient, its component against the zero-shot distillation gradient removed.
+    cfg.TRAINER.PROGRAD = CN()
+    cfg.TRAINER.PROGRAD.LAMBDA = 1.0  # share of the conflicting component removed: 0 is CoOp's step (LOSS.LAMBDA)
+    cfg.TRAINER.PROGRAD.T = 1.0  # temperature of the distillation loss (ProGrad's LOSS.T)
+    # ProGrad's CTX_INIT True: the words of its template for the dataset fill the last context tokens,
+    # zeros the first (TRAINER.COOP.CTX_INIT must then be empty).
+    cfg.TRAINER.PROGRAD.INIT_FROM_TEMPLATE = False
+
     # CLIPAdapter and RAdaAdapter: residual bottleneck adapters on the image and text features.
     cfg.TRAINER.ADAPTER = CN()
     cfg.TRAINER.ADAPTER.REDUCTION = 4  # bottleneck width = feature width // REDUCTION
@@ -92,6 +117,26 @@ def extend_cfg(cfg):
     # configs set True (the RAda authors adapt both).
     cfg.TRAINER.ADAPTER.TEXT = False
     cfg.TRAINER.ADAPTER.PREC = "fp16"  # precision of CLIP; the adapters (and head) are fp32
+
+    # CLIPLoRA and RAdaLoRA: CLIP-LoRA's low-rank updates of the attention projections of both towers
+    # (trainers/model/lora.py), with CLIP-LoRA's names and defaults.
+    cfg.TRAINER.LORA = CN()
+    cfg.TRAINER.LORA.R = 2  # rank r
+    cfg.TRAINER.LORA.ALPHA = 1.0  # the update is scaled by ALPHA / sqrt(R)
+    cfg.TRAINER.LORA.DROPOUT = 0.25  # dropout on the input of each update
+    cfg.TRAINER.LORA.POSITION = "all"  # which blocks: all, bottom, mid, up, half-bottom, half-up or top3
+    cfg.TRAINER.LORA.ENCODER = "both"  # which towers: text, vision or both
+    cfg.TRAINER.LORA.PARAMS = ["q", "k", "v"]  # which projections of each attention: q, k, v, o (output)
+    # Training length: N_ITERS x DATASET.NUM_SHOTS optimiser steps (CLIP-LoRA's n_iters x shots), rounded
+    # up to whole epochs, which replace OPTIM.MAX_EPOCH; 0 trains OPTIM.MAX_EPOCH epochs. The learning rate
+    # falls from OPTIM.LR to MIN_LR along a cosine over the steps.
+    cfg.TRAINER.LORA.N_ITERS = 500
+    cfg.TRAINER.LORA.MIN_LR = 1e-6
+    cfg.TRAINER.LORA.TEMPLATE = "a photo of a {}."  # CLIP-LoRA's prompt; "" picks CoOp's template of the dataset
+    # Evaluate with each update merged into its weight (CLIP-LoRA's eval mode; the same logits to float
+    # rounding, faster); False keeps the separate low-rank branch of training.
+    cfg.TRAINER.LORA.MERGE_FOR_EVAL = True
+    cfg.TRAINER.LORA.PREC = "amp"  # CLIP-LoRA: float16 autocast and loss scaling; the LoRA matrices are float32
 
     # Full fine-tuning (FT, FLYP, RAdaFT): CLIP's image encoder (and optionally its text encoder)
     # trained with AdamW-style OPTIM.*, weight decay only on weight matrices, a per-step schedule.
@@ -151,6 +196,20 @@ class Interval:
         return f"{kind} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
+class SubsetOf:
+    """A non-empty list of distinct choices."""
+
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def holds(self, value):
+        return (isinstance(value, (list, tuple)) and len(value) > 0 and len(set(value)) == len(value)
+                and all(item in self.choices for item in value))
+
+    def __str__(self):
+        return f"a non-empty list of distinct items of {', '.join(map(str, self.choices))}"
+
+
 class OneOf:
     def __init__(self, *choices):
         self.choices = choices
@@ -173,12 +232,24 @@ VALUE_RULES = (
     ("INPUT.PREPROCESS", OneOf(*PREPROCESS_SOURCES)),
     *((f"TRAINER.{node}.PREC", OneOf(*PRECISIONS)) for node in PREC_NODES),
     ("TRAINER.COOP.CLASS_TOKEN_POSITION", OneOf("end", "middle", "front")),
+    ("TRAINER.COCOOP.N_CTX", Interval(1, integer=True)),
+    ("TRAINER.KGCOOP.W", Interval(0)),
+    ("TRAINER.PROGRAD.LAMBDA", Interval(0, 1)),
+    ("TRAINER.PROGRAD.T", Interval(0, low_open=True)),
     ("TRAINER.RADA.ALPHA", Interval(0)),
     ("TRAINER.RADA.TEMP", Interval(0, low_open=True)),
     ("TRAINER.RADA.NUM_HEADS", Interval(1, integer=True)),  # and a divisor of the feature width
     ("TRAINER.RADA.ATTENTION_IMPL", OneOf(*ATTENTION_IMPLS)),
     ("TRAINER.ADAPTER.REDUCTION", Interval(1, integer=True)),
     ("TRAINER.ADAPTER.RATIO", Interval(0, 1, low_open=True)),
+    ("TRAINER.LORA.R", Interval(1, integer=True)),
+    ("TRAINER.LORA.ALPHA", Interval(0, low_open=True)),
+    ("TRAINER.LORA.DROPOUT", Interval(0, 1, high_open=True)),
+    ("TRAINER.LORA.POSITION", OneOf(*LORA_POSITIONS)),
+    ("TRAINER.LORA.ENCODER", OneOf(*LORA_ENCODERS)),
+    ("TRAINER.LORA.PARAMS", SubsetOf(*LORA_PROJECTIONS)),
+    ("TRAINER.LORA.N_ITERS", Interval(0, integer=True)),
+    ("TRAINER.LORA.MIN_LR", Interval(0)),
     ("TRAINER.FT.OBJECTIVE", OneOf(*OBJECTIVES)),
     ("TRAINER.FT.HEAD_LR", Interval(0, low_open=True)),
     ("TRAINER.FT.WARMUP_STEPS", Interval(0, integer=True)),

@@ -34,6 +34,7 @@ from .model.finetune import (
 )
 from .model.prompts import resolve_templates
 from .runs import distributed
+from .runs.schedule import require_per_step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,8 @@ class FineTuneTrainer(CLIPTrainer):
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        optim = cfg.OPTIM
-        if optim.LR_SCHEDULER != "cosine" or optim.WARMUP_EPOCH > 0:
-            raise UserFacingError(
-                f"{type(self).__name__} warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine: "
-                f"set OPTIM.LR_SCHEDULER cosine and OPTIM.WARMUP_EPOCH 0 (got {optim.LR_SCHEDULER!r} and "
-                f"{optim.WARMUP_EPOCH})."
-            )
+        require_per_step_schedule(cfg.OPTIM, type(self).__name__,
+                                  "warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine")
         try:
             resolve_templates(cfg.TRAINER.FT.TEMPLATES, cfg.DATASET.NAME)
         except ValueError as error:

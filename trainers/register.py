@@ -3,7 +3,10 @@
 from . import (  # noqa: F401
     adapter_trainers,
     clip_trainers,
+    cocoop_trainers,
     finetune_trainers,
+    guided_prompt_trainers,
+    lora_trainers,
     maple_trainers,
     rada_trainers,
     ttt_trainers,

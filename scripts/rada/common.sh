@@ -31,8 +31,16 @@ RAdaCoOp      vit_b16_ep50_ctxv1          -                                     
 RAda          vit_b16_ep5                 -                                          -
 MaPLe         vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
 RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
+CoCoOp        vit_b16_c4_ep10_batch1_ctxv1  -                                        -
+RAdaCoCoOp    vit_b16_c4_ep10_batch1_ctxv1  -                                        -
+KgCoOp        vit_b16_ep100_ctxv1         -                                          -
+RAdaKgCoOp    vit_b16_ep100_ctxv1         -                                          -
+ProGrad       vit_b16_ep100               -                                          -
+RAdaProGrad   vit_b16_ep100               -                                          -
 CLIPAdapter   vit_b16_ep5                 -                                          -
 RAdaAdapter   vit_b16_ep5                 -                                          -
+CLIPLoRA      vit_b16_iters500_batch32    -                                          -
+RAdaLoRA      vit_b16_iters500_batch32    -                                          -
 FT            vit_b16_ep10                -                                          vit_b16_ep10_batch512
 FLYP          vit_b16_ep10                -                                          vit_b16_ep10_batch512
 RAdaFT        vit_b16_ep10                -                                          vit_b16_ep10_batch512

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from ..errors import UserFacingError
 from .adapters import FeatureAdapter
 from .classifier import CLIPClassifier
+from .cocoop import cocoop_prompt_learner
 from .finetune import LogitScale, finetune_precision
+from .guided_prompts import prograd_prompt_learner
+from .lora import build_lora
 from .maple import MaPLeClassifier, maple_prompt_learner
 from .prompts import FixedPrompts, coop_prompt_learner, resolve_templates, zero_shot_template
 from .rada_head import rada_head
@@ -25,17 +28,14 @@ from .rada_head import rada_head
 logger = logging.getLogger(__name__)
 
 
-def _fixed_prompts(cfg, backbone, classnames, template):
-    return FixedPrompts(classnames, template)
-
-
-# name -> (builder(cfg, backbone, classnames, template) -> prompt source, classifier class, learns prompt embeddings)
+# name -> (builder(cfg, backbone, classnames) -> prompt source, classifier class, learns prompt embeddings);
+# "fixed" has no builder: hand-crafted prompts of the composition's template.
 PROMPT_SOURCES = {
-    "fixed": (_fixed_prompts, CLIPClassifier, False),
-    "coop": (lambda cfg, backbone, classnames, template: coop_prompt_learner(cfg, backbone, classnames),
-             CLIPClassifier, True),
-    "maple": (lambda cfg, backbone, classnames, template: maple_prompt_learner(cfg, backbone, classnames),
-              MaPLeClassifier, True),
+    "fixed": (None, CLIPClassifier, False),
+    "coop": (coop_prompt_learner, CLIPClassifier, True),
+    "maple": (maple_prompt_learner, MaPLeClassifier, True),
+    "prograd": (prograd_prompt_learner, CLIPClassifier, True),  # CoOp's, initialised as ProGrad does
+    "cocoop": (cocoop_prompt_learner, CLIPClassifier, True),
 }
 
 # The hand-crafted prompt of fixed prompts: name -> template(s) from the config.
@@ -43,6 +43,7 @@ TEMPLATES = {
     "dataset": lambda cfg: zero_shot_template(cfg.DATASET.NAME),  # CoOp's zero-shot prompt of the dataset
     "rada": lambda cfg: cfg.TRAINER.RADA.TEMPLATE or zero_shot_template(cfg.DATASET.NAME),
     "finetune": lambda cfg: resolve_templates(cfg.TRAINER.FT.TEMPLATES, cfg.DATASET.NAME),
+    "lora": lambda cfg: cfg.TRAINER.LORA.TEMPLATE or zero_shot_template(cfg.DATASET.NAME),
 }
 
 
@@ -50,9 +51,10 @@ TEMPLATES = {
 class Composition:
     """prompts: a key of PROMPT_SOURCES; template: a key of TEMPLATES (fixed prompts); head: the RAda
     head between features and logits; adapter: TRAINER.ADAPTER's feature adapter; trains: the
-    registered modules, in order, of "prompt_learner", "adapter", "rada_head"; fine_tunes: the
+    registered modules, in order, of "prompt_learner", "lora", "adapter", "rada_head"; fine_tunes: the
     encoders train as TRAINER.FT says (image_encoder, text_encoder, logit_scale before rada_head);
-    prec_node: CLIP's precision is TRAINER.<prec_node>.PREC."""
+    prec_node: CLIP's precision is TRAINER.<prec_node>.PREC; lora: CLIP-LoRA's low-rank updates
+    (TRAINER.LORA) go into the towers before anything is frozen; trains names them "lora"."""
 
     prompts: str
     template: str = "dataset"
@@ -61,6 +63,7 @@ class Composition:
     trains: tuple = ()
     fine_tunes: bool = False
     prec_node: str = "COOP"
+    lora: bool = False
 
     @property
     def learns_prompts(self):
@@ -85,6 +88,12 @@ COMPOSITIONS = {
     "RAdaCoOp": RADA_COOP,
     "MaPLe": Composition("maple", trains=("prompt_learner",), prec_node="MAPLE"),
     "RAdaMaPLe": Composition("maple", head=True, trains=("prompt_learner", "rada_head"), prec_node="MAPLE"),
+    "CoCoOp": Composition("cocoop", trains=("prompt_learner",), prec_node="COCOOP"),
+    "RAdaCoCoOp": Composition("cocoop", head=True, trains=("prompt_learner", "rada_head"), prec_node="COCOOP"),
+    "KgCoOp": Composition("coop", trains=("prompt_learner",)),
+    "RAdaKgCoOp": RADA_COOP,
+    "ProGrad": Composition("prograd", trains=("prompt_learner",)),
+    "RAdaProGrad": Composition("prograd", head=True, trains=("prompt_learner", "rada_head")),
     "CLIPAdapter": Composition("fixed", adapter=True, trains=("adapter",), prec_node="ADAPTER"),
     "RAdaAdapter": Composition("fixed", template="rada", head=True, adapter=True, trains=("adapter", "rada_head"),
                                prec_node="ADAPTER"),
@@ -94,6 +103,9 @@ COMPOSITIONS = {
                           prec_node="FT"),
     "RAdaTTT": RADA,
     "RAdaCoOpTTT": RADA_COOP,
+    "CLIPLoRA": Composition("fixed", template="lora", lora=True, trains=("lora",), prec_node="LORA"),
+    "RAdaLoRA": Composition("fixed", template="lora", head=True, lora=True, trains=("lora", "rada_head"),
+                            prec_node="LORA"),
 }
 
 
@@ -132,14 +144,18 @@ def build_classifier(composition, cfg, backbone, classnames):
     """(classifier, {registered name: trained module}) of `composition` on a Backbone, for
     `classnames`: CLIP's weights frozen, the trained modules' parameters requiring gradients."""
     make_prompts, classifier_class, _ = PROMPT_SOURCES[composition.prompts]
-    template = TEMPLATES[composition.template](cfg) if composition.prompts == "fixed" else None
+    if make_prompts is None:
+        prompts = FixedPrompts(classnames, TEMPLATES[composition.template](cfg))
+    else:
+        prompts = make_prompts(cfg, backbone, classnames)
     width = backbone.embed_dim
+    lora = build_lora(cfg, backbone) if composition.lora else None
     model = classifier_class(
-        backbone, make_prompts(cfg, backbone, classnames, template),
+        backbone, prompts,
         head=rada_head(cfg, width) if composition.head else None,
         adapter=build_adapter(cfg, width) if composition.adapter else None,
     )
-    pieces = {"prompt_learner": model.prompts, "adapter": model.adapter, "rada_head": model.head}
+    pieces = {"prompt_learner": model.prompts, "adapter": model.adapter, "rada_head": model.head, "lora": lora}
     trained = _fine_tuned_modules(cfg, model) if composition.fine_tunes else {}
     trained.update({name: pieces[name] for name in composition.trains})
     model.requires_grad_(False)

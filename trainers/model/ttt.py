@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from .module_state import is_trained
+from .prompts import is_conditional
 
 # ---- views ------------------------------------------------------------------------------------
 
@@ -230,6 +231,12 @@ class TestTimeAdapter:
         check_fraction(confident_fraction)
         if classifier.adapter is not None:
             raise ValueError("Test-time training of classifiers with feature adapters is not supported")
+        if is_conditional(classifier.prompts):
+            # The adapter encodes the class features once for all views; these prompts make them per view.
+            raise ValueError(
+                "Test-time training of classifiers with image-conditioned prompts "
+                f"({type(classifier.prompts).__name__}, e.g. CoCoOp's) is not supported"
+            )
         self.classifier = classifier
         self.optimizers = list(optimizers)
         self.steps = int(steps)

@@ -17,6 +17,8 @@ import warnings
 
 from torch.optim import lr_scheduler
 
+from ..errors import UserFacingError
+
 SCHEDULERS = ("single_step", "multi_step", "cosine")
 WARMUP_TYPES = ("constant", "linear")
 
@@ -61,3 +63,13 @@ def build_lr_scheduler(optimizer, optim_cfg):
         # SequentialLR steps its children with an explicit epoch, which torch flags as deprecated.
         warnings.simplefilter("ignore", UserWarning)
         return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
+
+
+def require_per_step_schedule(optim_cfg, trainer, schedule):
+    """Trainers whose schedule counts optimiser steps (`schedule` says how, for the message) refuse
+    OPTIM's epoch schedule other than a cosine, and its warm-up epochs."""
+    if optim_cfg.LR_SCHEDULER != "cosine" or optim_cfg.WARMUP_EPOCH > 0:
+        raise UserFacingError(
+            f"{trainer} {schedule}: set OPTIM.LR_SCHEDULER cosine and OPTIM.WARMUP_EPOCH 0 (got "
+            f"{optim_cfg.LR_SCHEDULER!r} and {optim_cfg.WARMUP_EPOCH})."
+        )

@@ -11,6 +11,7 @@ A `Backbone` is a plain object (not a module) that hands out the library's own m
   softmax-trained models); `objective` is "softmax" (CLIP) or "sigmoid" (SigLIP).
 - `embed_dim`, `text_width`, `vision_width`; `preprocess` (image size, mean/std, interpolation
   and the test-time resize mode from the model's own preprocessing config).
+- `attention_sites(tower)`: where each block's self-attention is (CLIP-LoRA, trainers/model/lora.py).
 - MaPLe's hooks: `text_prompt_sites()` / `vision_prompt_sites()` give the residual blocks (and, for
   the vision tower, the module whose input is the patch-embedding output) or raise a
   UserFacingError naming what the backbone lacks.
@@ -177,6 +178,11 @@ class Backbone:
 
     def vision_prompt_sites(self):
         raise BackboneError(f"{self.name}: its image tower does not take deep prompts (MaPLe).")
+
+    def attention_sites(self, tower):
+        """(module, attribute) of the self-attention of each transformer block of the "image" or "text"
+        tower, first block first (CLIP-LoRA's sites); empty if the tower has no transformer blocks."""
+        return []
 
     def checkpoint_blocks(self, tower):
         """Recompute the activations of the "image" or "text" tower's blocks in the backward pass;

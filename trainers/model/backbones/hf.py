@@ -177,6 +177,13 @@ class HFBackbone(Backbone):
             if parameter is not None:
                 parameter.data = parameter.data.float()
 
+    def attention_sites(self, tower):
+        """The blocks of the towers built as CLIP's (encoder.layers[i].self_attn; BERT-style text towers and
+        EfficientNet image towers have none)."""
+        module = (self.image_encoder if tower == "image" else self.text_encoder).encoder
+        layers = getattr(getattr(module, "encoder", None), "layers", None) or []
+        return [(layer, "self_attn") for layer in layers if hasattr(layer, "self_attn")]
+
     def checkpoint_blocks(self, tower):
         module = (self.image_encoder if tower == "image" else self.text_encoder).encoder
         if not getattr(module, "supports_gradient_checkpointing", False):

@@ -160,6 +160,15 @@ class OpenCLIPBackbone(Backbone):
         return PromptSites(list(visual.transformer.resblocks), batch_first=visual.transformer.batch_first,
                            stem=visual.ln_pre)
 
+    def attention_sites(self, tower):
+        if tower == "text":
+            transformer = self.text_encoder.transformer
+        elif isinstance(self.model.visual, VisionTransformer):
+            transformer = self.model.visual.transformer
+        else:  # timm or ResNet image towers
+            return []
+        return [(block, "attn") for block in transformer.resblocks]
+
     def checkpoint_blocks(self, tower):
         if tower == "text":
             self.text_encoder.transformer.grad_checkpointing = True

@@ -115,6 +115,12 @@ class ClipBackbone(Backbone):
         visual = self.model.visual
         return PromptSites(list(visual.transformer.resblocks), batch_first=False, stem=visual.ln_pre)
 
+    def attention_sites(self, tower):
+        if tower == "image" and not self.is_vit:
+            return []
+        transformer = self.model.transformer if tower == "text" else self.model.visual.transformer
+        return [(block, "attn") for block in transformer.resblocks]
+
     def checkpoint_blocks(self, tower):
         if tower == "text":
             checkpoint_blocks(self.text_encoder.transformer)
