@@ -1,6 +1,7 @@
 """A copy of scripts/rada/ in a fake repository, with configs written by the test and a stub
-`python` first on PATH that records the train.py command line instead of running it (the
-scripts' questions to trainers.runs.results, `python -m ...`, go to the real interpreter)."""
+`python` first on PATH that records the train.py command line instead of running it, torchrun's
+(`python -m torch.distributed.run ... train.py ...`) too; the scripts' questions to
+trainers.runs.results (`python -m trainers.runs.results ...`) go to the real interpreter."""
 
 import os
 import shutil
@@ -10,7 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Every variable the scripts read; cleared so that the caller's environment cannot leak in.
-SCRIPT_ENV = ("DATA", "OUTPUT", "TRAINER", "CFG", "SHOTS", "LOADEP", "PRETRAINED", "MODEL_DIR", "SOURCE_CFG")
+SCRIPT_ENV = ("DATA", "OUTPUT", "TRAINER", "CFG", "SHOTS", "LOADEP", "PRETRAINED", "MODEL_DIR", "SOURCE_CFG", "GPUS",
+              "TORCHRUN_ARGS", "FORCE")
 
 
 def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  MAX_EPOCH: 1\n"):
@@ -34,7 +36,7 @@ def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  M
     (root / "data").mkdir()
     stub = tmp_path / "bin" / "python"
     stub.parent.mkdir()
-    stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then exec {sys.executable} "$@"; fi\n'
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" != torch.distributed.run ]; then exec {sys.executable} "$@"; fi\n'
                     'printf "%s\\n" "$@" > "$STUB_ARGV"\n')
     stub.chmod(0o755)
     return root
@@ -42,13 +44,20 @@ def make_fake_repo(tmp_path, datasets, trainer_configs, config_text="OPTIM:\n  M
 
 def run_script(repo, script, *args, cwd=None, **env):
     """Runs scripts/rada/<script>; returns (completed process, argv the stub python got or None)."""
+    return run_shell(repo, ["bash", str(repo / "scripts" / "rada" / script), *map(str, args)], cwd=cwd, **env)
+
+
+def run_shell(repo, command, cwd=None, **env):
+    """Runs `command` (a list, or a shell line such as a hint the scripts print) as run_script does."""
     argv_file = repo.parent / "argv.txt"
     argv_file.unlink(missing_ok=True)
     environment = {key: value for key, value in os.environ.items() if key not in SCRIPT_ENV}
     environment.update(PATH=f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", RADA_SKIP_SETUP="1",
                        STUB_ARGV=str(argv_file), **env)
-    result = subprocess.run(["bash", str(repo / "scripts" / "rada" / script), *map(str, args)],
-                            cwd=cwd or repo, env=environment, capture_output=True, text=True, timeout=60, check=False)
+    if isinstance(command, str):
+        command = ["bash", "-c", command]
+    result = subprocess.run(command, cwd=cwd or repo, env=environment, capture_output=True, text=True, timeout=60,
+                            check=False)
     argv = argv_file.read_text().splitlines() if argv_file.exists() else None
     return result, argv
 

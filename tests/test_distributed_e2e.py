@@ -131,3 +131,55 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(synthetic_data_root, 
     for module, state in expected.items():
         for key, value in state.items():
             assert torch.equal(actual[module][key], value), f"{module}.{key}"
+
+
+def descendants(pid):
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def test_a_killed_two_process_script_run_resumes_by_its_own_command_and_is_then_skipped(
+        synthetic_data_root, tiny_clip_path, tmp_path):
+    """The documented way through the scripts with GPUS=2: the same command again after a kill -9 of
+    one process mid-epoch resumes to the weights of an uninterrupted run; once more, it is skipped."""
+    # 8 shots x 5 base classes = 40 images: 10 global batches of 4 per epoch, room to kill in epoch 2.
+    options = ["OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+               "TRAIN.PRINT_FREQ", "1", "MODEL.BACKBONE.NAME", str(tiny_clip_path)]
+    run_dir = "base2new/train_base/synthetic_shapes/shots_8/RAdaCoOp/vit_b16_ep50_ctxv1/seed1"
+
+    def env(output):
+        return {**script_env(synthetic_data_root, str(output), RADA_DIST_TIMEOUT_S="120"), "SHOTS": "8"}
+
+    def weights(output):
+        return {module: torch.load(output / run_dir / module / "model.pth.tar-2", weights_only=True)["state_dict"]
+                for module in ("prompt_learner", "rada_head")}
+
+    run_script("base2new_train.sh", env(tmp_path / "uninterrupted"), *options)
+
+    interrupted = tmp_path / "interrupted"
+    log = interrupted / run_dir / "log.txt"
+    job = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "rada", "base2new_train.sh"), "synthetic_shapes", "1",
+                            *options], cwd=REPO, env=env(interrupted), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline and not (
+            log.is_file() and "epoch [2/2] batch [2/10]" in log.read_text()):
+        time.sleep(0.02)
+    assert job.poll() is None, job.communicate()[0][-3000:]
+    (victim,) = [pid for pid in descendants(job.pid) if process_rank(pid) == 1]
+    os.kill(victim, signal.SIGKILL)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0 and not (interrupted / run_dir / "rada_head" / "model.pth.tar-2").exists(), output
+
+    resumed = run_script("base2new_train.sh", env(interrupted), *options)
+    assert "Found an unfinished run" in resumed and "(will resume training)" in resumed
+    assert "epoch [1/2]" not in resumed
+    expected, actual = weights(tmp_path / "uninterrupted"), weights(interrupted)
+    for module, state in expected.items():
+        for key, value in state.items():
+            assert torch.equal(actual[module][key], value), f"{module}.{key}"
+
+    again = run_script("base2new_train.sh", env(interrupted), *options)
+    assert "already holds a finished run" in again and "torch.distributed.run" not in again

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.fake_repo import REPO, finish, make_fake_repo, run_script, train_py
+from tests.fake_repo import REPO, finish, make_fake_repo, run_script, run_shell, train_py
 from tests.run_logs import dassl_log, load_parse_results, rada_log, unfinished_log
 
 DATASETS = ("caltech101", "dtd", "imagenet", "imagenet_a")
@@ -233,3 +233,56 @@ def test_changed_settings_stop_the_script_and_force_runs_again(repo, monkeypatch
     result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 5, FORCE="1")
     assert result.returncode == 0 and argv is not None
     assert f"FORCE=1: deleting ./{run_dir}" in result.stdout and not (repo / run_dir).exists()
+
+
+# ---- several processes (GPUS > 1): torchrun before train.py ----------------------------------------
+
+TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def test_two_process_runs_are_skipped_resumed_and_checked_by_their_train_py_arguments(repo, monkeypatch):
+    from trainers.runs.results import write_run_record
+
+    run_dir = f"{B2N}/train_base/dtd/shots_16/{RADA_CFG}/seed1"
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2, GPUS="2")
+    assert result.returncode == 0, result.stderr
+    train_argv = train_py(1, "RAdaCoOp", "dtd", "vit_b16_ep50_ctxv1", f"./{run_dir}") + [
+        "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "base", "OPTIM.MAX_EPOCH", "2"]
+    assert argv == TORCHRUN + train_argv
+    finish(repo, run_dir, unfinished_log(stop_epoch=2, stop_batch=7))
+    monkeypatch.chdir(repo)  # what train.py records under torchrun: its own arguments, from where the script ran
+    write_run_record(repo / run_dir, train_argv[1:], {})
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2, GPUS="2")
+    assert result.returncode == 0 and argv == TORCHRUN + train_argv, result.stderr
+    assert "unfinished run" in result.stdout
+
+    finish(repo, run_dir, rada_log(80.0))
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 2, GPUS="2")
+    assert result.returncode == 0 and argv is None, result.stderr
+    assert "already holds a finished run" in result.stdout
+
+    result, argv = run_script(repo, "base2new_train.sh", "dtd", 1, "OPTIM.MAX_EPOCH", 5, GPUS="2")
+    assert result.returncode == 1 and argv is None
+    assert "(OPTIM.MAX_EPOCH: was 2, now 5)" in result.stderr  # the one change, nothing shifted
+
+
+def test_hints_rerun_the_whole_command(repo, tmp_path):
+    data = tmp_path / "datasets"
+    data.mkdir()
+    env = dict(DATA=str(data), OUTPUT="runs", SHOTS="4", CFG="vit_b16_ep50_ctxv1_long", GPUS="2",
+               TORCHRUN_ARGS="--standalone --max-restarts 0")
+    options = ["OPTIM.MAX_EPOCH", "2", "MODEL.BACKBONE.NAME", "my clip.pt"]
+    _, expected = run_script(repo, "base2new_train.sh", "dtd", 1, *options, **env)
+    train_dir = "runs/base2new/train_base/dtd/shots_4/RAdaCoOp/vit_b16_ep50_ctxv1_long/seed1"
+    assert expected[expected.index("--output-dir") + 1] == train_dir
+
+    for first, log_text in (("Train it first with: ", None), ("Finish it first with: ", unfinished_log())):
+        if log_text is not None:
+            finish(repo, train_dir, log_text)
+        result, argv = run_script(repo, "base2new_test.sh", "dtd", 1, *options, **env)
+        assert result.returncode == 1 and argv is None
+        hint = result.stderr.split(first, 1)[1].strip()
+        assert "GPUS=2" in hint and "OPTIM.MAX_EPOCH 2 MODEL.BACKBONE.NAME 'my clip.pt'" in hint
+        result, argv = run_shell(repo, hint)  # in a shell without the variables of the first command
+        assert result.returncode == 0, result.stderr
+        assert argv == expected

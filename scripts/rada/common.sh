@@ -171,7 +171,7 @@ run_progress() {
     results_cli progress "$1"
 }
 
-# Decides, from DIR and the train.py command line in CMD, whether to run: exits 0 when DIR already
+# Decides, from DIR and the train.py arguments in TRAIN_ARGV, whether to run: exits 0 when DIR already
 # holds the finished run, stops when DIR holds a run made with other settings, and with FORCE=1
 # deletes DIR first.
 check_run_dir() { # dir
@@ -181,7 +181,7 @@ check_run_dir() { # dir
         return
     fi
     local status=0
-    results_cli check "$1" "${CMD[@]:2}" || status=$?
+    results_cli check "$1" "${TRAIN_ARGV[@]}" || status=$?
     case "$status" in
         0) exit 0 ;;
         1) ;;
@@ -190,10 +190,13 @@ check_run_dir() { # dir
     esac
 }
 
-# The command that (re)creates a missing run, with the environment that selects the same folders.
+# The command that (re)creates a missing run: the environment that selects the same folders and
+# launcher, and this script's trailing yacs options, which the user gives every step alike.
 rerun_hint() { # script args...
-    results_cli rerun "$@" --prefix "$REPO_PREFIX" \
-        --env "DATA=$DATA" "OUTPUT=$OUTPUT" "TRAINER=$TRAINER" "CFG=$CFG" "SHOTS=$SHOTS"
+    local env=("GPUS=$GPUS")
+    if [ "$TORCHRUN_ARGS" != --standalone ]; then env+=("TORCHRUN_ARGS=$TORCHRUN_ARGS"); fi
+    env+=("DATA=$DATA" "OUTPUT=$OUTPUT" "TRAINER=$TRAINER" "CFG=$CFG" "SHOTS=$SHOTS")
+    results_cli rerun "$@" "${OPTS[@]}" --prefix "$REPO_PREFIX" --env "${env[@]}"
 }
 
 # Evaluation scripts need the trained model first.
@@ -219,11 +222,10 @@ launcher() {
     fi
 }
 
-# Starts CMD, the train.py command line, for DATASET and OUTPUT_DIR; scripts append to it.
+# Starts TRAIN_ARGV, the arguments of train.py (what it records with its run, and what check_run_dir
+# compares), for DATASET and OUTPUT_DIR; scripts append to it. run_command puts the launcher before it.
 start_command() { # dataset output_dir
-    launcher
-    CMD=("${LAUNCHER[@]}" "${REPO_PREFIX}train.py"
-        --root "$DATA"
+    TRAIN_ARGV=(--root "$DATA"
         --seed "$SEED"
         --trainer "$TRAINER"
         --dataset-config-file "${REPO_PREFIX}configs/datasets/$1.yaml"
@@ -233,18 +235,19 @@ start_command() { # dataset output_dir
 
 # Appends the flags that load the model trained in DIR (none for training-free trainers or an empty DIR).
 add_eval_flags() { # model_dir
-    CMD+=(--eval-only)
+    TRAIN_ARGV+=(--eval-only)
     if ! is_training_free && [ -n "$1" ]; then
-        CMD+=(--model-dir "$1")
-        if [ -n "${LOADEP:-}" ]; then CMD+=(--load-epoch "$LOADEP"); fi
+        TRAIN_ARGV+=(--model-dir "$1")
+        if [ -n "${LOADEP:-}" ]; then TRAIN_ARGV+=(--load-epoch "$LOADEP"); fi
     fi
 }
 
 run_command() {
-    local line
-    printf -v line '%q ' "${CMD[@]}"
+    launcher
+    local words=("${LAUNCHER[@]}" "${REPO_PREFIX}train.py" "${TRAIN_ARGV[@]}") line
+    printf -v line '%q ' "${words[@]}"
     echo "+ ${line% }"
-    "${CMD[@]}"
+    "${words[@]}"
 }
 
 # Trains (or, for training-free trainers, evaluates) into OUTPUT_DIR unless it holds a finished run.
@@ -252,8 +255,8 @@ run_training() { # output_dir yacs-options...
     local dir="$1"
     shift
     start_command "$DATASET" "$dir"
-    if is_training_free; then CMD+=(--eval-only); fi
-    CMD+=("$@")
+    if is_training_free; then TRAIN_ARGV+=(--eval-only); fi
+    TRAIN_ARGV+=("$@")
     check_run_dir "$dir"
     run_command
 }
@@ -264,7 +267,7 @@ run_evaluation() { # model_dir output_dir yacs-options...
     shift 2
     start_command "$DATASET" "$dir"
     add_eval_flags "$model_dir"
-    CMD+=("$@")
+    TRAIN_ARGV+=("$@")
     check_run_dir "$dir"
     run_command
 }
