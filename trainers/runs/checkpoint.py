@@ -1,6 +1,7 @@
 """Checkpoint files in Dassl's layout, written as plain data so `torch.load(weights_only=True)`
 reads them: <run dir>/<module name>/model.pth.tar-<epoch> (or model-best.pth.tar) and a
-`checkpoint` file naming the latest one.
+`checkpoint` file naming the latest one. Every checkpoint is read as data, whoever wrote it: a
+file whose pickle names anything else is refused unrun (trainers/untrusted_files.py).
 
 The modules of one epoch form a set: each module's file is written first, then one marker,
 <run dir>/checkpoint_set.pth.tar-<epoch>, which lists them and holds what else a resumed run needs
@@ -9,6 +10,7 @@ between two modules' saves can never mix epochs. Which sets are kept is decided 
 (`prune_checkpoints`).
 """
 
+import collections
 import logging
 import os
 import os.path as osp
@@ -18,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model.backbones.base import describe_signature, same_backbone
+from ..untrusted_files import UnloadableFile, load_plain
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,32 @@ MARKER_FILE = re.compile(r"checkpoint_set\.pth\.tar-(\d+)")
 CLASS_DEPENDENT = ("token_prefix", "token_suffix", "tokenized_prompts")
 # Prefixes other code bases put in front of the keys of the same modules.
 FOREIGN_PREFIXES = ("module.", "mha.", "prompt_learner.")
+
+
+class PickledState:
+    """An optimiser or scheduler object pickled in an older Dassl checkpoint, built as its bare
+    attributes: none of its code runs, and only the weights of such a file are used."""
+
+
+def _plain_dict(*_default_factory):
+    """A pickled defaultdict, read as a plain dict: torch's weights-only unpickler fills only plain ones."""
+    return {}
+
+
+# What Dassl 0.6.3's save_model pickles besides tensors and plain data: a warm-up scheduler's
+# state dict holds its successor scheduler object, which holds the optimiser object
+# (dassl/optim/lr_scheduler.py and optimizer.py: the optimisers and schedulers they build).
+OLDER_DASSL_OBJECTS = {
+    **{name: PickledState for name in (
+        "torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.MultiStepLR",
+        "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.sgd.SGD", "torch.optim.adam.Adam",
+        "torch.optim.adamw.AdamW", "torch.optim.rmsprop.RMSprop", "dassl.optim.radam.RAdam",
+    )},
+    # The optimiser's per-parameter state (a defaultdict of dict), and MultiStepLR's milestones.
+    "collections.defaultdict": _plain_dict,
+    "builtins.dict": dict,
+    "collections.Counter": collections.Counter,
+}
 
 
 def _save_atomically(payload, path):
@@ -109,9 +138,11 @@ def latest_checkpoint_set(run_dir, names):
     for epoch in epochs:
         marker_path = _marker_path(run_dir, epoch)
         try:
-            marker = torch.load(marker_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable marker: try the previous set
-            logger.warning("Skipping the checkpoint set of epoch %d: %s is unreadable (%s)", epoch, marker_path, error)
+            marker = load_plain(marker_path)
+        except UnloadableFile as error:
+            if error.refused:
+                raise CheckpointError(str(error)) from None
+            logger.warning("Skipping the checkpoint set of epoch %d: %s", epoch, error)
             continue
         files = marker.get("modules", {}) if isinstance(marker, dict) else {}
         paths = {name: osp.join(run_dir, name, files.get(name, "")) for name in names}
@@ -121,8 +152,8 @@ def latest_checkpoint_set(run_dir, names):
             continue
         return marker, paths
     raise CheckpointError(
-        f"No complete checkpoint set in {run_dir}: every checkpoint_set.pth.tar-<epoch> there lacks a module file of "
-        f"{', '.join(names)}. Delete the run folder to train from scratch."
+        f"No complete checkpoint set in {run_dir}: every checkpoint_set.pth.tar-<epoch> there is unreadable or lacks "
+        f"a module file of {', '.join(names)}. Delete the run folder to train from scratch."
     )
 
 
@@ -166,17 +197,12 @@ def find_checkpoint(folder, epoch=None):
 
 
 def read_checkpoint(path, backbone=None):
-    """Load a checkpoint; refuse one trained on another backbone than `backbone`."""
+    """Load a checkpoint as data (tensors, plain data and the objects older Dassl checkpoints pickle,
+    built inert); refuse one trained on another backbone than `backbone`."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not plain data"
-        try:
-            # Files written by Dassl 0.6.3 pickle scheduler objects: read them the old way.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001
-            raise CheckpointError(f"Cannot read checkpoint {path}: {error}. The file is corrupt or not a checkpoint.") from None
-        logger.warning("%s holds pickled Python objects (an older Dassl checkpoint); loaded it with "
-                       "weights_only=False. Only load such files if you trust their origin.", path)
+        checkpoint = load_plain(path, OLDER_DASSL_OBJECTS)
+    except UnloadableFile as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' entry).")
     saved = checkpoint.get("backbone")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ...untrusted_files import is_load_failure, unloadable
 from .base import Backbone, BackboneError, Preprocess, TextEncoder, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -394,6 +395,10 @@ def load(spec, weights="", cache_dir=None, download=True):
                 "must hold what save_pretrained writes for the model, its tokenizer and its image processor."
             ) from None
         raise BackboneError(_missing_message(source, cache_dir, _first_line(error))) from None
+    except Exception as error:  # noqa: BLE001 - only torch.load's refusal of a weights file is answered here
+        if not is_load_failure(error):
+            raise
+        raise BackboneError(str(unloadable(source, error, f"The {part} file of {name}"))) from None
     _refuse_missing_weights(name, architecture, info)
     _refuse_empty_tokenizer(name, source, tokenizer, config)
     backbone = HFBackbone(name, architecture, model.eval(), tokenizer, image_processor, repo_id=None if local else source)

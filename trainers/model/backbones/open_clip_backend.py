@@ -24,6 +24,7 @@ from open_clip.tokenizer import HFTokenizer, SigLipTokenizer, SimpleTokenizer, b
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
+from ...untrusted_files import is_load_failure, unloadable
 from .base import Backbone, BackboneError, Preprocess, PromptSites, TextEncoder, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,10 @@ def load(spec, weights="", cache_dir=None, download=True):
     except BackboneError:
         raise
     except Exception as error:  # noqa: BLE001 - open_clip raises RuntimeError, OSError, ValueError, hub errors
+        if is_load_failure(error):  # torch.load refused or could not parse the weights file: say which and why
+            path = pretrained if weights else identifier
+            subject = f"MODEL.BACKBONE.WEIGHTS {pretrained}" if weights else f"The weights file of {name}"
+            raise BackboneError(str(unloadable(path, error, subject))) from None
         message = str(error).strip().splitlines()
         raise BackboneError(
             f"open_clip could not build {name!r}: {message[0] if message else type(error).__name__}. Check the name "

@@ -3,12 +3,14 @@
 `load_clip(name_or_path)` accepts a name from `clip.available_models()` (fetched into a cache
 folder by the clip package's own downloader) or the path of a local file: a TorchScript
 archive as OpenAI ships them, or a plain state dict (`clip.load` cannot read the latter on
-current torch because it retries on a half-consumed file object). The model comes back on the
-CPU, in eval mode, with the clip package's fp16 linear/conv weights; `trainers.model.precision`
-decides the working dtype.
+current torch because it retries on a half-consumed file object). Files are read as data, never
+run: only OpenAI's own archives (known by their SHA-256) go through torch.jit.load. The model
+comes back on the CPU, in eval mode, with the clip package's fp16 linear/conv weights;
+`trainers.model.precision` decides the working dtype.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -18,6 +20,7 @@ import zipfile
 
 import torch
 
+from ...untrusted_files import UnloadableFile, load_plain, torchscript_tensors
 from .base import BackboneError
 from .openai_package import clip_api, clip_model
 
@@ -102,24 +105,42 @@ def _is_torchscript(path):
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
-def read_state_dict(path):
-    """Read a CLIP state dict from a TorchScript archive or a plain `torch.save` file."""
-    errors = []
-    if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # OpenAI ships TorchScript files
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        except (RuntimeError, ValueError) as error:
-            errors.append(f"as TorchScript: {_first_line(error)}")
+def _is_openai_release(path):
+    """Whether the file is one OpenAI publishes: clip's download URLs hold their SHA-256 (.../<sha256>/<file>)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() in {url.split("/")[-2] for url in clip_api._MODELS.values()}
+
+
+def _released_archive_state_dict(path):
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling raises many types; all mean "not readable"
-        errors.append(f"as a state dict: {_first_line(error)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # OpenAI ships TorchScript files
+            return torch.jit.load(path, map_location="cpu").state_dict()
+    except (RuntimeError, ValueError) as error:
         raise CLIPLoadError(
-            f"Cannot read CLIP weights from {path} ({'; '.join(errors)}). The file is corrupt or "
-            "not a CLIP checkpoint: delete it and download it again."
+            f"Cannot read CLIP weights from {path} as TorchScript ({_first_line(error)}). The file is corrupt: "
+            "delete it and download it again."
         ) from None
+
+
+def read_state_dict(path, verified_release=False):
+    """Read a CLIP state dict from a TorchScript archive or a plain `torch.save` file, as data.
+
+    TorchScript archives are programs: only OpenAI's own files (`verified_release`: clip's downloader
+    has checked the SHA-256 already) are loaded with torch.jit.load, as clip.load does; any other
+    archive gives its parameters and buffers without running its code."""
+    try:
+        if not _is_torchscript(path):
+            loaded = load_plain(path)
+        elif verified_release or _is_openai_release(path):
+            return _released_archive_state_dict(path)
+        else:
+            return torchscript_tensors(path)
+    except UnloadableFile as error:
+        raise CLIPLoadError(str(error)) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     return loaded
@@ -145,7 +166,7 @@ def build_clip(state_dict, source="state dict"):
 def load_clip(name_or_path, cache_dir=None, download=True):
     """Load CLIP on the CPU (eval mode, clip's fp16 linear/conv weights)."""
     path = resolve_weights(name_or_path, cache_dir=cache_dir, download=download)
-    model = build_clip(read_state_dict(path), source=path)
+    model = build_clip(read_state_dict(path, verified_release=name_or_path in clip_api._MODELS), source=path)
     logger.info("Loaded CLIP %s from %s (%s)", name_or_path, path, describe_clip(model))
     return model
 
