@@ -19,7 +19,7 @@ from .errors import UserFacingError
 from .model.image_resize import RESIZE_MODES
 
 PRECISIONS = ("fp16", "fp32", "amp")
-PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT", "COCOOP", "LORA")
+PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT", "COCOOP", "LORA", "IVLP", "VPT")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
 ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/model/rada_head.py has them
 PREPROCESS_SOURCES = ("auto", "backbone", "config")  # INPUT.PREPROCESS
@@ -85,6 +85,26 @@ def extend_cfg(cfg):
     cfg.TRAINER.MAPLE.CTX_INIT = "a photo of a"
     cfg.TRAINER.MAPLE.PREC = "fp16"  # fp16, fp32 or amp
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers of each encoder given prompts; 1 = the input only
+
+    # IVLP (and RAdaIVLP): independent deep text and vision prompts; the authors' keys and defaults
+    # (their configs set depth 12/12 with 2+2 tokens, PromptSRC's 9/9 with 4+4).
+    cfg.TRAINER.IVLP = CN()
+    cfg.TRAINER.IVLP.N_CTX_VISION = 2  # learned tokens per prompted vision layer
+    cfg.TRAINER.IVLP.N_CTX_TEXT = 2  # learned tokens per prompted text layer
+    # The first N_CTX_TEXT tokens of these words initialise the text context, the rest stay fixed words
+    # ("" or N_CTX_TEXT > 4: a random context, as the authors' code).
+    cfg.TRAINER.IVLP.CTX_INIT = "a photo of a"
+    cfg.TRAINER.IVLP.PREC = "fp16"  # fp16, fp32 or amp
+    cfg.TRAINER.IVLP.PROMPT_DEPTH_VISION = 9  # vision layers given prompts; 1 = the input only, 0 = none
+    cfg.TRAINER.IVLP.PROMPT_DEPTH_TEXT = 9  # text layers given prompts; 1 = the input only
+
+    # VPT (deep vision prompts only; the text is the fixed "a photo of a {}."); the authors' keys.
+    cfg.TRAINER.VPT = CN()
+    cfg.TRAINER.VPT.N_CTX_VISION = 2  # learned tokens per prompted vision layer
+    cfg.TRAINER.VPT.CTX_INIT = ""  # unused, as in the authors' code (kept so their configs load)
+    # The authors' code runs CLIP in float32 whatever their configs' PREC says; so does this default.
+    cfg.TRAINER.VPT.PREC = "fp32"
+    cfg.TRAINER.VPT.PROMPT_DEPTH_VISION = 1  # vision layers given prompts; 1 = the input only
 
     # CoCoOp (and RAdaCoCoOp): CoOp's context shifted per image by a meta-net; CoCoOp's own keys and defaults.
     cfg.TRAINER.COCOOP = CN()
@@ -233,6 +253,13 @@ VALUE_RULES = (
     *((f"TRAINER.{node}.PREC", OneOf(*PRECISIONS)) for node in PREC_NODES),
     ("TRAINER.COOP.CLASS_TOKEN_POSITION", OneOf("end", "middle", "front")),
     ("TRAINER.COCOOP.N_CTX", Interval(1, integer=True)),
+    ("TRAINER.IVLP.N_CTX_VISION", Interval(0, integer=True)),
+    ("TRAINER.IVLP.N_CTX_TEXT", Interval(1, integer=True)),
+    # and at most the encoder's number of layers (checked where the prompts are built)
+    ("TRAINER.IVLP.PROMPT_DEPTH_VISION", Interval(0, integer=True)),
+    ("TRAINER.IVLP.PROMPT_DEPTH_TEXT", Interval(1, integer=True)),
+    ("TRAINER.VPT.N_CTX_VISION", Interval(1, integer=True)),
+    ("TRAINER.VPT.PROMPT_DEPTH_VISION", Interval(1, integer=True)),
     ("TRAINER.KGCOOP.W", Interval(0)),
     ("TRAINER.PROGRAD.LAMBDA", Interval(0, 1)),
     ("TRAINER.PROGRAD.T", Interval(0, low_open=True)),

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     cocoop_trainers,
     finetune_trainers,
     guided_prompt_trainers,
+    ivlp_trainers,
     lora_trainers,
     maple_trainers,
     rada_trainers,

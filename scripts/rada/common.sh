@@ -31,6 +31,9 @@ RAdaCoOp      vit_b16_ep50_ctxv1          -                                     
 RAda          vit_b16_ep5                 -                                          -
 MaPLe         vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
 RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datasets  -
+IVLP          vit_b16_c2_ep5_batch4_2ctx  -                                          -
+RAdaIVLP      vit_b16_c2_ep5_batch4_2ctx  -                                          -
+VPT           vit_b16_c2_ep5_batch4_4     -                                          -
 CoCoOp        vit_b16_c4_ep10_batch1_ctxv1  -                                        -
 RAdaCoCoOp    vit_b16_c4_ep10_batch1_ctxv1  -                                        -
 KgCoOp        vit_b16_ep100_ctxv1         -                                          -

@@ -20,6 +20,7 @@ from .classifier import CLIPClassifier
 from .cocoop import cocoop_prompt_learner
 from .finetune import LogitScale, finetune_precision
 from .guided_prompts import prograd_prompt_learner
+from .ivlp import ivlp_prompt_learner, vpt_prompts
 from .lora import build_lora
 from .maple import MaPLeClassifier, maple_prompt_learner
 from .prompts import FixedPrompts, coop_prompt_learner, resolve_templates, zero_shot_template
@@ -36,6 +37,8 @@ PROMPT_SOURCES = {
     "maple": (maple_prompt_learner, MaPLeClassifier, True),
     "prograd": (prograd_prompt_learner, CLIPClassifier, True),  # CoOp's, initialised as ProGrad does
     "cocoop": (cocoop_prompt_learner, CLIPClassifier, True),
+    "ivlp": (ivlp_prompt_learner, CLIPClassifier, True),
+    "vpt": (vpt_prompts, CLIPClassifier, False),  # vision prompts; the text is fixed "a photo of a {}."
 }
 
 # The hand-crafted prompt of fixed prompts: name -> template(s) from the config.
@@ -88,6 +91,9 @@ COMPOSITIONS = {
     "RAdaCoOp": RADA_COOP,
     "MaPLe": Composition("maple", trains=("prompt_learner",), prec_node="MAPLE"),
     "RAdaMaPLe": Composition("maple", head=True, trains=("prompt_learner", "rada_head"), prec_node="MAPLE"),
+    "IVLP": Composition("ivlp", trains=("prompt_learner",), prec_node="IVLP"),
+    "RAdaIVLP": Composition("ivlp", head=True, trains=("prompt_learner", "rada_head"), prec_node="IVLP"),
+    "VPT": Composition("vpt", trains=("prompt_learner",), prec_node="VPT"),
     "CoCoOp": Composition("cocoop", trains=("prompt_learner",), prec_node="COCOOP"),
     "RAdaCoCoOp": Composition("cocoop", head=True, trains=("prompt_learner", "rada_head"), prec_node="COCOOP"),
     "KgCoOp": Composition("coop", trains=("prompt_learner",)),
