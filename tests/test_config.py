@@ -13,7 +13,7 @@ from trainers.errors import UserFacingError
 PREC_NODE_OF = {
     "ZeroshotCLIP": "COOP", "CoOp": "COOP", "RAdaCoOp": "COOP", "RAdaCoOpTTT": "COOP",
     "MaPLe": "MAPLE", "RAdaMaPLe": "MAPLE",
-    "IVLP": "IVLP", "RAdaIVLP": "IVLP", "VPT": "VPT",
+    "IVLP": "IVLP", "RAdaIVLP": "IVLP", "VPT": "VPT", "PromptSRC": "PROMPTSRC", "RAdaPromptSRC": "PROMPTSRC",
     "KgCoOp": "COOP", "RAdaKgCoOp": "COOP", "ProGrad": "COOP", "RAdaProGrad": "COOP",
     "CoCoOp": "COCOOP", "RAdaCoCoOp": "COCOOP",
     "RAda": "RADA", "RAdaTTT": "RADA",

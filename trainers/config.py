@@ -19,7 +19,7 @@ from .errors import UserFacingError
 from .model.image_resize import RESIZE_MODES
 
 PRECISIONS = ("fp16", "fp32", "amp")
-PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT", "COCOOP", "LORA", "IVLP", "VPT")
+PREC_NODES = ("COOP", "RADA", "MAPLE", "ADAPTER", "FT", "COCOOP", "LORA", "IVLP", "VPT", "PROMPTSRC")
 OBJECTIVES = ("ce", "flyp")  # TRAINER.FT.OBJECTIVE
 ATTENTION_IMPLS = ("auto", "blocked", "fused")  # TRAINER.RADA.ATTENTION_IMPL, as trainers/model/rada_head.py has them
 PREPROCESS_SOURCES = ("auto", "backbone", "config")  # INPUT.PREPROCESS
@@ -97,6 +97,21 @@ def extend_cfg(cfg):
     cfg.TRAINER.IVLP.PREC = "fp16"  # fp16, fp32 or amp
     cfg.TRAINER.IVLP.PROMPT_DEPTH_VISION = 9  # vision layers given prompts; 1 = the input only, 0 = none
     cfg.TRAINER.IVLP.PROMPT_DEPTH_TEXT = 9  # text layers given prompts; 1 = the input only
+
+    # PromptSRC (and RAdaPromptSRC): IVLP's prompts with the self-regulating losses and Gaussian prompt
+    # aggregation; the authors' keys and defaults (muzairkhattak/PromptSRC train.py).
+    cfg.TRAINER.PROMPTSRC = CN()
+    cfg.TRAINER.PROMPTSRC.N_CTX_VISION = 4  # learned tokens per prompted vision layer
+    cfg.TRAINER.PROMPTSRC.N_CTX_TEXT = 4  # learned tokens per prompted text layer
+    cfg.TRAINER.PROMPTSRC.CTX_INIT = "a photo of a"  # as TRAINER.IVLP.CTX_INIT
+    cfg.TRAINER.PROMPTSRC.PREC = "fp16"  # fp16, fp32 or amp
+    cfg.TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION = 9  # vision layers given prompts; 1 = the input only, 0 = none
+    cfg.TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT = 9  # text layers given prompts; 1 = the input only
+    cfg.TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT = 25.0  # weight of L1(prompted text features, teacher's)
+    cfg.TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT = 10.0  # weight of L1(prompted image features, teacher's)
+    # GPA: epoch a's prompts weighted by the Gaussian pdf N(a; GPA_MEAN, GPA_STD), normalised over the epochs.
+    cfg.TRAINER.PROMPTSRC.GPA_MEAN = 15.0
+    cfg.TRAINER.PROMPTSRC.GPA_STD = 1.0
 
     # VPT (deep vision prompts only; the text is the fixed "a photo of a {}."); the authors' keys.
     cfg.TRAINER.VPT = CN()
@@ -258,6 +273,13 @@ VALUE_RULES = (
     # and at most the encoder's number of layers (checked where the prompts are built)
     ("TRAINER.IVLP.PROMPT_DEPTH_VISION", Interval(0, integer=True)),
     ("TRAINER.IVLP.PROMPT_DEPTH_TEXT", Interval(1, integer=True)),
+    ("TRAINER.PROMPTSRC.N_CTX_VISION", Interval(0, integer=True)),
+    ("TRAINER.PROMPTSRC.N_CTX_TEXT", Interval(1, integer=True)),
+    ("TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", Interval(0, integer=True)),
+    ("TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", Interval(1, integer=True)),
+    ("TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT", Interval(0)),
+    ("TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT", Interval(0)),
+    ("TRAINER.PROMPTSRC.GPA_STD", Interval(0, low_open=True)),
     ("TRAINER.VPT.N_CTX_VISION", Interval(1, integer=True)),
     ("TRAINER.VPT.PROMPT_DEPTH_VISION", Interval(1, integer=True)),
     ("TRAINER.KGCOOP.W", Interval(0)),

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     ivlp_trainers,
     lora_trainers,
     maple_trainers,
+    promptsrc_trainers,
     rada_trainers,
     ttt_trainers,
 )

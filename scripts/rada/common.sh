@@ -34,6 +34,8 @@ RAdaMaPLe     vit_b16_c2_ep5_batch4_2ctx  vit_b16_c2_ep5_batch4_2ctx_cross_datas
 IVLP          vit_b16_c2_ep5_batch4_2ctx  -                                          -
 RAdaIVLP      vit_b16_c2_ep5_batch4_2ctx  -                                          -
 VPT           vit_b16_c2_ep5_batch4_4     -                                          -
+PromptSRC     vit_b16_c2_ep20_batch4_4ctx  vit_b16_c2_ep20_batch4_4ctx_cross_datasets  -
+RAdaPromptSRC vit_b16_c2_ep20_batch4_4ctx  vit_b16_c2_ep20_batch4_4ctx_cross_datasets  -
 CoCoOp        vit_b16_c4_ep10_batch1_ctxv1  -                                        -
 RAdaCoCoOp    vit_b16_c4_ep10_batch1_ctxv1  -                                        -
 KgCoOp        vit_b16_ep100_ctxv1         -                                          -

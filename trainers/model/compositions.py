@@ -11,6 +11,7 @@ A new method on existing pieces adds its prompt source to PROMPT_SOURCES (if new
 COMPOSITIONS and its YAML configs.
 """
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ PROMPT_SOURCES = {
     "prograd": (prograd_prompt_learner, CLIPClassifier, True),  # CoOp's, initialised as ProGrad does
     "cocoop": (cocoop_prompt_learner, CLIPClassifier, True),
     "ivlp": (ivlp_prompt_learner, CLIPClassifier, True),
+    "promptsrc": (functools.partial(ivlp_prompt_learner, node="PROMPTSRC"), CLIPClassifier, True),  # IVLP's
     "vpt": (vpt_prompts, CLIPClassifier, False),  # vision prompts; the text is fixed "a photo of a {}."
 }
 
@@ -94,6 +96,9 @@ COMPOSITIONS = {
     "IVLP": Composition("ivlp", trains=("prompt_learner",), prec_node="IVLP"),
     "RAdaIVLP": Composition("ivlp", head=True, trains=("prompt_learner", "rada_head"), prec_node="IVLP"),
     "VPT": Composition("vpt", trains=("prompt_learner",), prec_node="VPT"),
+    "PromptSRC": Composition("promptsrc", trains=("prompt_learner",), prec_node="PROMPTSRC"),
+    "RAdaPromptSRC": Composition("promptsrc", head=True, trains=("prompt_learner", "rada_head"),
+                                 prec_node="PROMPTSRC"),
     "CoCoOp": Composition("cocoop", trains=("prompt_learner",), prec_node="COCOOP"),
     "RAdaCoCoOp": Composition("cocoop", head=True, trains=("prompt_learner", "rada_head"), prec_node="COCOOP"),
     "KgCoOp": Composition("coop", trains=("prompt_learner",)),

@@ -156,12 +156,12 @@ class VPTPrompts(DeepVisionPromptsMixin, nn.Module):
         return self.text(text_encoder)
 
 
-def ivlp_prompt_learner(cfg, backbone, classnames):
-    """The IVLPPromptLearner that TRAINER.IVLP describes."""
-    ivlp = cfg.TRAINER.IVLP
+def ivlp_prompt_learner(cfg, backbone, classnames, node="IVLP"):
+    """The IVLPPromptLearner that TRAINER.<node> describes (IVLP's keys; PromptSRC has the same ones)."""
+    ivlp = cfg.TRAINER[node]
     return IVLPPromptLearner(
         backbone, classnames, n_ctx_text=ivlp.N_CTX_TEXT, n_ctx_vision=ivlp.N_CTX_VISION, ctx_init=ivlp.CTX_INIT,
-        depth_text=ivlp.PROMPT_DEPTH_TEXT, depth_vision=ivlp.PROMPT_DEPTH_VISION,
+        depth_text=ivlp.PROMPT_DEPTH_TEXT, depth_vision=ivlp.PROMPT_DEPTH_VISION, key_prefix=f"TRAINER.{node}",
     )
 
 
