@@ -37,7 +37,7 @@ from .runs.results import (
     result_line,
 )
 from .runs.run_keeper import RunKeeper
-from .runs.schedule import build_lr_scheduler
+from .runs.schedule import build_lr_scheduler, require_per_step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class CLIPTrainer(TrainerX):
     composition = None
     # The config node whose PREC key sets CLIP's precision (train.py checks it before building).
     PREC_NODE = None
+    # None: the OPTIM schedule, stepped once per epoch. Otherwise the trainer's schedulers count optimiser
+    # steps, and this says how, for the message that refuses OPTIM's epoch schedule and warm-up.
+    PER_STEP_SCHEDULE = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -79,6 +82,8 @@ class CLIPTrainer(TrainerX):
     def check_cfg(self, cfg):
         """Dassl calls this first in the constructor, before anything is built."""
         check_values(cfg, prec_node=self.PREC_NODE)
+        if self.PER_STEP_SCHEDULE:
+            require_per_step_schedule(cfg.OPTIM, type(self).__name__, self.PER_STEP_SCHEDULE)
 
     # ---- data ---------------------------------------------------------------------------------
     def build_data_loader(self):
@@ -194,8 +199,11 @@ class CLIPTrainer(TrainerX):
         return self.training_summary(output, targets, loss)
 
     def step_schedulers(self):
-        """After each optimiser step; the OPTIM schedule counts epochs."""
-        if (self.batch_idx + 1) == self.num_batches:
+        """After each optimiser step: the OPTIM schedule counts epochs, a per-step one optimiser steps."""
+        if self.PER_STEP_SCHEDULE:
+            for name in self.get_model_names():
+                self._scheds[name].step()
+        elif (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
 
     def training_summary(self, output, labels, loss):
@@ -207,13 +215,24 @@ class CLIPTrainer(TrainerX):
         return summary
 
     def _backward_and_step(self, loss):
-        if not self.scaler.is_enabled() and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The loss became {loss.item()} at epoch {self.epoch + 1}, batch {self.batch_idx + 1}. "
-                "Try a lower OPTIM.LR, or PREC fp32 / amp instead of fp16."
-            )
+        self._refuse_non_finite(loss)
         self.model_zero_grad()
         self.scaler.scale(loss).backward()
+        self._step_optimisers()
+
+    def _refuse_non_finite(self, loss, others=None):
+        """Without loss scaling (which skips such steps) a non-finite loss, or one of the `others` ({name: loss}
+        a method also descends along), stops the run, naming the fix."""
+        others = others or {}
+        if not self.scaler.is_enabled() and not all(torch.isfinite(value) for value in (loss, *others.values())):
+            detail = "".join(f" ({name} {value.item()})" for name, value in others.items())
+            raise FloatingPointError(
+                f"The loss became {loss.item()}{detail} at epoch {self.epoch + 1}, batch {self.batch_idx + 1}. "
+                "Try a lower OPTIM.LR, or PREC fp32 / amp instead of fp16."
+            )
+
+    def _step_optimisers(self):
+        """Every registered module's optimiser steps on its gradients, through the loss scaler."""
         for name in self.get_model_names():
             self.scaler.step(self._optims[name])
         self.scaler.update()

@@ -34,7 +34,6 @@ from .model.finetune import (
 )
 from .model.prompts import resolve_templates
 from .runs import distributed
-from .runs.schedule import require_per_step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +42,10 @@ class FineTuneTrainer(CLIPTrainer):
     """What FT, FLYP and RAdaFT share; TRAINER.FT says what trains and with which objective (the
     trainers' configs set their values)."""
 
+    PER_STEP_SCHEDULE = "warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine"
+
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        require_per_step_schedule(cfg.OPTIM, type(self).__name__,
-                                  "warms up per step (TRAINER.FT.WARMUP_STEPS) and then decays with a cosine")
         try:
             resolve_templates(cfg.TRAINER.FT.TEMPLATES, cfg.DATASET.NAME)
         except ValueError as error:
@@ -117,10 +116,6 @@ class FineTuneTrainer(CLIPTrainer):
             return super().compute_loss(output, targets)
         return flyp_loss(output.logits, output.mask, self.cfg.TRAINER.RADA.ALPHA,
                          objective=self.model.backbone.objective)
-
-    def step_schedulers(self):
-        for name in self.get_model_names():
-            self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
 
     def model_inference(self, images):
         logits = super().model_inference(images)

@@ -131,36 +131,19 @@ class ProGradTrainer(HandWrittenReferenceTrainer):
         """Writes the projected cross-entropy gradient into the context's .grad and steps every optimiser;
         returns the share of projected tensors whose gradients conflicted."""
         scaler = self.scaler
-        if not scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(kl_loss)):
-            raise FloatingPointError(
-                f"The loss became {loss.item()} (distillation loss {kl_loss.item()}) at epoch {self.epoch + 1}, "
-                f"batch {self.batch_idx + 1}. Try a lower OPTIM.LR, or PREC fp32 / amp instead of fp16."
-            )
+        self._refuse_non_finite(loss, others={"distillation loss": kl_loss})
         self.model_zero_grad()
         params = self.projected_parameters
         kl_grads = torch.autograd.grad(scaler.scale(kl_loss), params, retain_graph=True)
-        kl_grads = self._averaged_over_processes(kl_grads)
+        kl_grads = distributed.average_over_processes(kl_grads)  # every process projects the same pair
         scaler.scale(loss).backward()  # distributed: DDP averages these over the processes
         conflicts = 0
         with torch.no_grad():
             for param, kl_grad in zip(params, kl_grads, strict=True):
                 conflicts += int(torch.sum(param.grad * kl_grad) < 0)
                 param.grad.copy_(project_conflicting(param.grad, kl_grad, self.cfg.TRAINER.PROGRAD.LAMBDA))
-        for name in self.get_model_names():
-            scaler.step(self._optims[name])
-        scaler.update()
+        self._step_optimisers()
         return conflicts / len(params)
-
-    @staticmethod
-    def _averaged_over_processes(grads):
-        """distributed: the gradients of the global batch, as DDP makes those of .grad (torch.autograd.grad
-        bypasses DDP's all-reduce), so that every process projects the same pair."""
-        if not distributed.is_distributed():
-            return grads
-        for grad in grads:
-            torch.distributed.all_reduce(grad)
-            grad /= distributed.world_size()
-        return grads
 
 
 @register_trainer

@@ -19,7 +19,6 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from .engine import CLIPTrainer, register_trainer
 from .errors import UserFacingError
 from .model.compositions import COMPOSITIONS
-from .runs.schedule import require_per_step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +26,10 @@ logger = logging.getLogger(__name__)
 class LoRATrainer(CLIPTrainer):
     """What CLIPLoRA and RAdaLoRA share: the length of the run in optimiser steps and the per-step schedule."""
 
+    PER_STEP_SCHEDULE = "decays the learning rate with a cosine over its optimiser steps, without warm-up"
+
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        require_per_step_schedule(cfg.OPTIM, type(self).__name__,
-                                  "decays the learning rate with a cosine over its optimiser steps, without warm-up")
         if cfg.TRAINER.LORA.N_ITERS > 0 and cfg.DATASET.NUM_SHOTS < 1:
             raise UserFacingError(
                 f"TRAINER.LORA.N_ITERS {cfg.TRAINER.LORA.N_ITERS} counts steps per shot, and DATASET.NUM_SHOTS is "
@@ -60,10 +59,6 @@ class LoRATrainer(CLIPTrainer):
         optim = build_optimizer(None, self.cfg.OPTIM, param_groups=params)
         total_steps = self.max_epoch * len(self.train_loader_x)
         return optim, CosineAnnealingLR(optim, T_max=total_steps, eta_min=self.cfg.TRAINER.LORA.MIN_LR)
-
-    def step_schedulers(self):
-        for name in self.get_model_names():
-            self._scheds[name].step()  # the schedule counts optimiser steps, not epochs
 
 
 @register_trainer

@@ -43,7 +43,14 @@ from torch import nn
 from ..errors import UserFacingError
 from .backbones import as_backbone
 from .deep_prompts import appended_tokens, deep_prompts
-from .prompts import DEFAULT_TEMPLATE, FixedPrompts, LearnedContext, context_words, initial_context
+from .prompts import (
+    DEFAULT_TEMPLATE,
+    FixedPrompts,
+    LearnedContext,
+    check_init_words,
+    context_words,
+    initial_context,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +122,7 @@ class IVLPPromptLearner(DeepVisionPromptsMixin, LearnedContext):
             logger.info("IVLP: %d text context tokens (more than %d): random initialisation, CTX_INIT %r unused",
                         n_ctx_text, MAX_WORD_INIT_TOKENS, ctx_init)
             ctx_init = ""
-        if ctx_init and n_ctx_text > len(backbone.tokenizer.encode(ctx_init)):
-            raise UserFacingError(
-                f"{key_prefix}.N_CTX_TEXT is {n_ctx_text} but CTX_INIT {ctx_init!r} has only "
-                f"{len(backbone.tokenizer.encode(ctx_init))} tokens; the context is initialised from its first "
-                'N_CTX_TEXT tokens. Lengthen CTX_INIT, lower N_CTX_TEXT, or set CTX_INIT "" for a random context.'
-            )
+        check_init_words(backbone, ctx_init, n_ctx_text, f"{key_prefix}.N_CTX_TEXT")
         ctx, prefix_text = initial_context(backbone, ctx_init, n_ctx_text, (n_ctx_text, backbone.text_width))
         super().__init__(backbone, classnames, ctx, prefix_text)
         self.text_sites = text_sites

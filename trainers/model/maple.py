@@ -34,7 +34,7 @@ from ..errors import UserFacingError
 from .backbones import as_backbone
 from .classifier import CLIPClassifier
 from .deep_prompts import appended_tokens, deep_prompts
-from .prompts import LearnedContext, context_words, initial_context
+from .prompts import LearnedContext, check_init_words, context_words, initial_context
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,7 @@ class MaPLePromptLearner(LearnedContext):
             raise UserFacingError(f"TRAINER.MAPLE.N_CTX is {n_ctx}; it must be at least 1.")
         text_width, vision_width = backbone.text_width, backbone.vision_width
         ctx_init = context_words(ctx_init)
-        if ctx_init:
-            init_tokens = len(backbone.tokenizer.encode(ctx_init))
-            if n_ctx > init_tokens:
-                raise UserFacingError(
-                    f"TRAINER.MAPLE.N_CTX is {n_ctx} but CTX_INIT {ctx_init!r} has only {init_tokens} tokens; "
-                    "the context is initialised from its first N_CTX tokens. Lengthen CTX_INIT, lower N_CTX, "
-                    'or set CTX_INIT "" for a random context.'
-                )
+        check_init_words(backbone, ctx_init, n_ctx, "TRAINER.MAPLE.N_CTX")
         ctx, prefix_text = initial_context(backbone, ctx_init, n_ctx, (n_ctx, text_width))
         super().__init__(backbone, classnames, ctx, prefix_text)
         # Coupling function of the first layer: text context -> vision prompts.

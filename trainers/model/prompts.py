@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UserFacingError
 from .backbones import as_backbone
 from .module_state import is_trained, weights_key
 
@@ -316,6 +317,19 @@ class FixedPrompts(nn.Module):
 def context_words(ctx_init):
     """CTX_INIT as words: folder-style underscores become spaces."""
     return ctx_init.replace("_", " ").strip()
+
+
+def check_init_words(backbone, ctx_init, n_ctx, n_ctx_key):
+    """Refuse a context of more tokens than the words CTX_INIT that initialise its first tokens
+    (MaPLe's and IVLP's rule); `n_ctx_key` is the config key of the context length."""
+    init_tokens = len(backbone.tokenizer.encode(ctx_init)) if ctx_init else n_ctx
+    if n_ctx > init_tokens:
+        short = n_ctx_key.rpartition(".")[2]
+        raise UserFacingError(
+            f"{n_ctx_key} is {n_ctx} but CTX_INIT {ctx_init!r} has only {init_tokens} tokens; the context is "
+            f"initialised from its first {short} tokens. Lengthen CTX_INIT, lower {short}, "
+            'or set CTX_INIT "" for a random context.'
+        )
 
 
 def initial_context(backbone, ctx_init, n_ctx, shape):

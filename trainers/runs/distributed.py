@@ -303,6 +303,16 @@ class _GatherWithGradient(torch.autograd.Function):
         return grad[start : start + ctx.rows]
 
 
+def average_over_processes(tensors):
+    """The tensors averaged in place over the processes, as DDP averages .grad (for gradients taken with
+    torch.autograd.grad, which bypasses DDP's all-reduce); returned as given in a single process."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+            tensor /= world_size()
+    return tensors
+
+
 def gather_batch(tensor):
     """The (N * B, ...) concatenation over processes of each one's (B, ...) tensor, gradients flowing
     back to the local rows; `tensor` itself in a single process.
