@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from tests.conftest import requires_cpu_half, requires_dassl, train_only
 from tests.test_rada_head import random_head
+from tests.test_train_e2e import assert_clean, assert_evaluates_new_classes
 from tests.train_harness import TrainRun
 from trainers.model import ttt
 from trainers.model.backbones import as_backbone
@@ -203,11 +204,6 @@ def test_test_time_training_refuses_image_conditioned_prompts(clip_model):
 CONFIG = "vit_b16_c4_ep10_batch1_ctxv1"
 
 
-def assert_clean(result):
-    assert result.returncode == 0, result.output[-3000:]
-    assert "Traceback" not in result.output
-
-
 @requires_dassl
 @pytest.mark.e2e
 @pytest.mark.parametrize("trainer,modules", [("CoCoOp", ["prompt_learner"]),
@@ -227,12 +223,7 @@ def test_train_on_base_classes_then_evaluate_new_classes(trainer, modules, synth
     assert "meta_net.linear2.weight" in torch.load(
         os.path.join(run.train_dir, "prompt_learner", "model.pth.tar-1"), weights_only=True)["state_dict"]
 
-    evaluated = run.evaluate()
-    assert_clean(evaluated)
-    for module in modules:
-        assert f"Load {os.path.join(run.train_dir, module, 'model.pth.tar-1')} to {module}" in evaluated.log
-    assert "subsample=new" in evaluated.log and "# classes  5" in evaluated.log
-    assert evaluated.accuracy is not None
+    assert_evaluates_new_classes(run, modules)
 
 
 @requires_dassl

@@ -25,6 +25,16 @@ def assert_clean(result):
     assert "Traceback" not in result.output
 
 
+def assert_evaluates_new_classes(run, modules):
+    """--eval-only on the new classes loads each trained module's epoch-1 checkpoint and gives a result."""
+    evaluated = run.evaluate()
+    assert_clean(evaluated)
+    for module in modules:
+        assert f"Load {os.path.join(run.train_dir, module, 'model.pth.tar-1')} to {module}" in evaluated.log
+    assert "subsample=new" in evaluated.log and "# classes  5" in evaluated.log
+    assert evaluated.accuracy is not None
+
+
 @pytest.mark.parametrize("trainer,config,modules", CASES)
 @pytest.mark.e2e
 def test_train_one_epoch_then_evaluate_new_classes(trainer, config, modules, synthetic_data_root, tiny_clip_path, tmp_path):
@@ -41,12 +51,7 @@ def test_train_one_epoch_then_evaluate_new_classes(trainer, config, modules, syn
         assert checkpoint["epoch"] == 1 and checkpoint["backbone"]["embed_dim"] == 32
         assert not any("token_prefix" in key for key in checkpoint["state_dict"])
 
-    evaluated = run.evaluate()
-    assert_clean(evaluated)
-    for module in modules:
-        assert f"Load {os.path.join(run.train_dir, module, 'model.pth.tar-1')} to {module}" in evaluated.log
-    assert "subsample=new" in evaluated.log and "# classes  5" in evaluated.log
-    assert evaluated.accuracy is not None
+    assert_evaluates_new_classes(run, modules)
 
 
 @pytest.mark.e2e
